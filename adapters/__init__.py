@@ -1,0 +1,1 @@
+"""One module per external system, each implementing a role from ``domain.ports``."""

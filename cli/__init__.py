@@ -1,0 +1,1 @@
+"""The ``trade-store`` command line: serve, process, migrate, expire, topics."""

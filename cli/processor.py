@@ -1,0 +1,110 @@
+"""The processing service: the trade dataflow on real services, plus the expiry sweep.
+
+``python -m bytewax.run "cli.processor:flow()"`` runs the same dataflow under Bytewax's own
+runner (pass -r/-s/-b for recovery yourself); ``trade-store process`` does it for you.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import date, timedelta
+from pathlib import Path
+
+import structlog
+from bytewax.dataflow import Dataflow
+from bytewax.recovery import RecoveryConfig, init_db_dir
+from bytewax.run import cli_main
+
+from adapters import wiring
+from config.clock import business_today
+from config.settings import Settings, get_settings
+from dataflows.trades import build_flow
+from domain.ports import TradeStore, Unavailable
+from sinks.dead_letter import KafkaDeadLetterSink
+from sources.kafka import kafka_inbound
+
+log = structlog.get_logger("processor")
+
+
+def flow(settings: Settings | None = None) -> Dataflow:
+    """The trade dataflow wired to Kafka, PostgreSQL and DynamoDB."""
+    settings = settings or get_settings()
+    return build_flow(
+        inbound=lambda f: kafka_inbound(
+            f, settings.kafka_bootstrap_servers, settings.inbound_topic
+        ),
+        trades=lambda: wiring.trade_store(settings),
+        statuses=lambda: wiring.status_store(settings),
+        dead_letters=KafkaDeadLetterSink(settings.kafka_bootstrap_servers, settings.dlq_topic),
+    )
+
+
+class ExpirySweeper(threading.Thread):
+    """Marks matured trades expired at start and whenever the business date changes."""
+
+    def __init__(self, store: TradeStore, timezone: str, every_s: float) -> None:
+        super().__init__(name="expiry-sweeper", daemon=True)
+        self._store = store
+        self._timezone = timezone
+        self._every_s = every_s
+        self._stop = threading.Event()
+        self.swept_on: date | None = None
+
+    def sweep_if_due(self) -> None:
+        today = business_today(self._timezone)
+        if today == self.swept_on:
+            return
+        try:
+            count = self._store.expire(today)
+        except Unavailable as exc:
+            log.warning("expiry sweep postponed", error=str(exc))
+            return
+        self.swept_on = today
+        log.info("expiry sweep", business_date=today.isoformat(), expired=count)
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.sweep_if_due()
+            self._stop.wait(self._every_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def ensure_recovery_dir(path: Path, partitions: int) -> None:
+    """Create Bytewax's recovery partitions on first start; reuse them afterwards."""
+    if path.exists() and any(path.iterdir()):
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    init_db_dir(path, partitions)
+    log.info("recovery partitions created", path=str(path), partitions=partitions)
+
+
+def run(
+    settings: Settings,
+    workers: int,
+    process_id: int | None = None,
+    addresses: list[str] | None = None,
+) -> None:
+    """Run until interrupted: create topics if missing, sweep expiry, process the queue."""
+    created = wiring.create_topics(settings)
+    if created:
+        log.info("topics created", topics=created)
+    ensure_recovery_dir(settings.recovery_dir, settings.recovery_partitions)
+    sweeper = ExpirySweeper(
+        wiring.trade_store(settings), settings.business_timezone, settings.expiry_check_seconds
+    )
+    sweeper.start()
+    log.info("processor started", workers=workers, topic=settings.inbound_topic)
+    try:
+        cli_main(
+            flow(settings),
+            workers_per_process=workers,
+            process_id=process_id,
+            addresses=addresses,
+            epoch_interval=timedelta(seconds=settings.snapshot_interval_seconds),
+            recovery_config=RecoveryConfig(settings.recovery_dir),
+        )
+    finally:
+        sweeper.stop()
+        log.info("processor stopped")

@@ -1,0 +1,1 @@
+"""Process-wide configuration: one typed Settings, logging and the business clock."""

@@ -1,0 +1,64 @@
+"""All configuration, from TRADE_STORE_* environment variables or a .env file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """One place for every knob; README's Settings table documents each field."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TRADE_STORE_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    # HTTP API
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    api_workers: int = Field(default=1, ge=1)
+    max_body_bytes: int = Field(default=16_384, ge=256)
+    retry_after_seconds: int = Field(default=5, ge=1)
+    business_timezone: str = "UTC"
+
+    # PostgreSQL trade store
+    database_url: SecretStr = SecretStr(
+        "postgresql+psycopg://trade_store:trade_store@127.0.0.1:55432/trade_store"
+    )
+    db_pool_size: int = Field(default=10, ge=1)
+
+    # Kafka queue
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    inbound_topic: str = "trades-inbound"
+    dlq_topic: str = "trades-dlq"
+    inbound_partitions: int = Field(default=12, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    produce_timeout_ms: int = Field(default=5_000, ge=100)
+    producer_linger_ms: int = Field(default=2, ge=0)
+
+    # DynamoDB request-status store
+    dynamodb_endpoint_url: str | None = None
+    aws_region: str = "us-east-1"
+    status_table: str = "trade-requests"
+    status_ttl_days: int = Field(default=7, ge=1)
+
+    # Bytewax processor
+    recovery_dir: Path = Path("data/recovery")
+    recovery_partitions: int = Field(default=1, ge=1)
+    snapshot_interval_seconds: float = Field(default=2.0, gt=0)
+    processor_workers: int = Field(default=1, ge=1)
+    expiry_check_seconds: float = Field(default=30.0, gt=0)
+
+    # Logging
+    log_level: str = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once on first use (not at import)."""
+    return Settings()

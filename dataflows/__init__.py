@@ -1,0 +1,1 @@
+"""The Bytewax dataflows, wired from sources, domain rules and sinks."""

@@ -1,0 +1,144 @@
+"""The trade dataflow: decode → look up heads → key by trade_id → decide → persist.
+
+Each step is a module-level function over plain values, so it is testable without the
+runtime; ``build_flow`` only wires them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from bytewax import operators as op
+from bytewax.dataflow import Dataflow, Stream
+from bytewax.outputs import Sink
+
+from domain.decided import Decided
+from domain.message import TradeMessage, UndecodableMessage, decode
+from domain.ports import StatusStore, TradeStore
+from domain.status import Outcome, RequestState
+from domain.trade import ReasonCode, decide, next_highest
+from sinks.dead_letter import DeadLetter
+from sinks.retry import until_available
+from sinks.stores import StatusSink, TradeSink
+from sources import RawRecord
+
+log = structlog.get_logger("dataflows.trades")
+
+
+@dataclass(frozen=True, slots=True)
+class WithHead:
+    """A message plus the store's highest version for its trade_id when it was looked up."""
+
+    message: TradeMessage
+    stored_head: int | None
+
+
+def _header(record: RawRecord, name: str) -> str | None:
+    for key, value in record.headers or ():
+        if key == name and value:
+            return value.decode("utf-8", errors="replace")
+    return None
+
+
+def decode_record(record: RawRecord) -> TradeMessage | DeadLetter:
+    """Parse a queued record; anything unusable becomes a dead letter, never an exception."""
+    try:
+        return decode(record.value, _header(record, "request_id"))
+    except UndecodableMessage as exc:
+        letter = DeadLetter(
+            reason=exc.reason,
+            key=record.key,
+            value=record.value,
+            headers=list(record.headers or ()),
+            request_id=exc.request_id,
+            correlation_id=_header(record, "correlation_id"),
+        )
+        log.warning(
+            "dead letter",
+            reason=exc.reason,
+            request_id=exc.request_id,
+            correlation_id=letter.correlation_id,
+        )
+        return letter
+
+
+def is_message(item: TradeMessage | DeadLetter) -> bool:
+    return isinstance(item, TradeMessage)
+
+
+def dead_letter_outcome(letter: TradeMessage | DeadLetter) -> Outcome | None:
+    """The FAILED outcome for a dead letter whose request is known."""
+    if not isinstance(letter, DeadLetter) or letter.request_id is None:
+        return None
+    return Outcome(
+        request_id=letter.request_id,
+        trade_id="",
+        version=0,
+        state=RequestState.FAILED,
+        reason_code=ReasonCode.INVALID_MESSAGE,
+        failure_reason=letter.reason,
+    )
+
+
+class HeadLookup:
+    """Attaches the store's highest version to each message: one query per batch.
+
+    The keyed state is the truth for trade_ids the flow has seen; the store is the truth
+    for the others (new ids, or after recovery state was lost).
+    """
+
+    def __init__(self, trades: Callable[[], TradeStore]) -> None:
+        self._factory = trades
+        self._store: TradeStore | None = None
+
+    def __call__(self, batch: list[TradeMessage | DeadLetter]) -> list[WithHead]:
+        messages = [m for m in batch if isinstance(m, TradeMessage)]
+        if self._store is None:
+            self._store = self._factory()
+        store = self._store
+        ids = {m.trade.trade_id for m in messages}
+        heads = until_available(lambda: store.highest_versions(ids), "trade store lookup")
+        return [WithHead(m, heads.get(m.trade.trade_id)) for m in messages]
+
+
+def trade_id_of(item: WithHead) -> str:
+    return item.message.trade.trade_id
+
+
+def decide_step(highest: int | None, item: WithHead) -> tuple[int | None, Decided]:
+    """Keyed by trade_id: decide against the highest version seen, then remember it."""
+    known = highest if highest is not None else item.stored_head
+    trade = item.message.trade
+    decision = decide(known, trade, item.message.accepted_on)
+    return next_highest(known, trade, decision), Decided(item.message, decision)
+
+
+def build_flow(
+    inbound: Callable[[Dataflow], Stream[RawRecord]],
+    trades: Callable[[], TradeStore],
+    statuses: Callable[[], StatusStore],
+    dead_letters: Sink[DeadLetter],
+) -> Dataflow:
+    """Wire the trade dataflow from a source and per-worker store factories."""
+    flow = Dataflow("trades")
+    records = inbound(flow)
+    decoded = op.map("decode", records, decode_record)
+    split = op.branch("split-dead-letters", decoded, is_message)
+
+    op.output(
+        "dead-letter", op.filter_map("as-dead-letter", split.falses, _as_letter), dead_letters
+    )
+    failed = op.filter_map("dead-letter-outcome", split.falses, dead_letter_outcome)
+    op.output("dead-letter-status", failed, StatusSink(statuses))
+
+    with_heads = op.flat_map_batch("lookup-heads", split.trues, HeadLookup(trades))
+    keyed = op.key_on("by-trade-id", with_heads, trade_id_of)
+    decided = op.stateful_map("decide", keyed, decide_step)
+    op.output("store", op.key_rm("unkey", decided), TradeSink(trades, statuses))
+    return flow
+
+
+def _as_letter(item: TradeMessage | DeadLetter) -> DeadLetter | None:
+    return item if isinstance(item, DeadLetter) else None

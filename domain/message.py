@@ -1,0 +1,141 @@
+"""The queued message: a trade plus what the decision needs to be reproducible.
+
+The wire format is JSON with a ``schema_version``; the business date the API accepted the
+request on travels with it, so replaying the queue later gives the same decisions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from domain.trade import Trade
+
+SCHEMA_VERSION = 1
+MAX_ID_LENGTH = 64
+MAX_VERSION = 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class TradeMessage:
+    """One accepted submission on its way to the dataflow."""
+
+    request_id: str
+    correlation_id: str
+    accepted_on: date
+    accepted_at: datetime
+    trade: Trade
+
+
+class UndecodableMessage(ValueError):
+    """A queued message that cannot become a TradeMessage; ``request_id`` when it was readable."""
+
+    def __init__(self, reason: str, request_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.request_id = request_id
+
+
+def valid_id(value: object) -> bool:
+    """An id is 1–64 printable characters with no surrounding whitespace."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_ID_LENGTH
+        and value.isprintable()
+        and value == value.strip()
+    )
+
+
+def valid_version(value: object) -> bool:
+    """A version is a positive 32-bit integer; booleans and floats are not versions."""
+    return type(value) is int and 1 <= value <= MAX_VERSION
+
+
+def encode(message: TradeMessage) -> bytes:
+    """Serialise to the queue's JSON value."""
+    trade = message.trade
+    return json.dumps(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "request_id": message.request_id,
+            "correlation_id": message.correlation_id,
+            "accepted_on": message.accepted_on.isoformat(),
+            "accepted_at": message.accepted_at.isoformat(),
+            "trade": {
+                "trade_id": trade.trade_id,
+                "version": trade.version,
+                "counterparty_id": trade.counterparty_id,
+                "book_id": trade.book_id,
+                "maturity_date": trade.maturity_date.isoformat(),
+                "created_date": trade.created_date.isoformat(),
+            },
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def _field(obj: dict[str, Any], name: str, request_id: str | None) -> Any:
+    if name not in obj:
+        raise UndecodableMessage(f"missing field {name!r}", request_id)
+    return obj[name]
+
+
+def _id(obj: dict[str, Any], name: str, request_id: str | None) -> str:
+    value = _field(obj, name, request_id)
+    if not valid_id(value):
+        raise UndecodableMessage(f"invalid {name!r}", request_id)
+    return str(value)
+
+
+def _date(obj: dict[str, Any], name: str, request_id: str | None) -> date:
+    value = _field(obj, name, request_id)
+    try:
+        return date.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise UndecodableMessage(f"invalid date in {name!r}", request_id) from None
+
+
+def decode(value: bytes | None, request_id_hint: str | None = None) -> TradeMessage:
+    """Parse and validate a queued value, raising UndecodableMessage with the reason.
+
+    ``request_id_hint`` (from the message headers) names the request when the body is unreadable.
+    """
+    try:
+        obj = json.loads(value) if value is not None else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UndecodableMessage("value is not JSON", request_id_hint) from None
+    if not isinstance(obj, dict):
+        raise UndecodableMessage("value is not a JSON object", request_id_hint)
+    request_id = obj.get("request_id")
+    rid = request_id if valid_id(request_id) else request_id_hint
+    if obj.get("schema_version") != SCHEMA_VERSION:
+        raise UndecodableMessage(f"unsupported schema_version {obj.get('schema_version')!r}", rid)
+    if rid is None or rid != request_id:
+        raise UndecodableMessage("invalid 'request_id'", rid)
+    trade = _field(obj, "trade", rid)
+    if not isinstance(trade, dict):
+        raise UndecodableMessage("'trade' is not an object", rid)
+    version = _field(trade, "version", rid)
+    if not valid_version(version):
+        raise UndecodableMessage("invalid 'version'", rid)
+    accepted_at_raw = _field(obj, "accepted_at", rid)
+    try:
+        accepted_at = datetime.fromisoformat(accepted_at_raw)
+    except (TypeError, ValueError):
+        raise UndecodableMessage("invalid 'accepted_at'", rid) from None
+    return TradeMessage(
+        request_id=rid,
+        correlation_id=str(obj.get("correlation_id") or rid),
+        accepted_on=_date(obj, "accepted_on", rid),
+        accepted_at=accepted_at,
+        trade=Trade(
+            trade_id=_id(trade, "trade_id", rid),
+            version=version,
+            counterparty_id=_id(trade, "counterparty_id", rid),
+            book_id=_id(trade, "book_id", rid),
+            maturity_date=_date(trade, "maturity_date", rid),
+            created_date=_date(trade, "created_date", rid),
+        ),
+    )

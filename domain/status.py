@@ -1,0 +1,51 @@
+"""The lifecycle of one submission, as the client polls it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from domain.trade import ReasonCode
+
+
+class RequestState(StrEnum):
+    """PENDING until the dataflow decides; SUCCESS and FAILED are final."""
+
+    PENDING = "PENDING"
+    SUCCESS = "SUCCESS"
+    FAILED = "FAILED"
+
+    @property
+    def terminal(self) -> bool:
+        return self is not RequestState.PENDING
+
+
+@dataclass(frozen=True, slots=True)
+class RequestStatus:
+    """What ``GET /api/v1/requests/{request_id}`` shows."""
+
+    request_id: str
+    state: RequestState
+    trade_id: str
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    reason_code: ReasonCode | None = None
+    failure_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The final state of one request, as the dataflow writes it."""
+
+    request_id: str
+    trade_id: str
+    version: int
+    state: RequestState
+    reason_code: ReasonCode | None = None
+    failure_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.state.terminal:
+            raise ValueError("an outcome is SUCCESS or FAILED")

@@ -1,0 +1,1 @@
+"""The HTTP API: accept trades fast, answer status and trade reads."""

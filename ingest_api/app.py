@@ -1,0 +1,48 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import structlog
+from fastapi import FastAPI
+
+from adapters.wiring import Services, api_services
+from config.settings import Settings, get_settings
+from ingest_api import problems
+from ingest_api.middleware import BodyLimitMiddleware, CorrelationMiddleware
+from ingest_api.routes import router
+
+log = structlog.get_logger("ingest_api")
+
+
+def create_app(
+    settings: Settings | None = None,
+    services: Callable[[Settings], Services] = api_services,
+) -> FastAPI:
+    """Build the app; ``services`` makes the adapters at startup and they close at shutdown."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.services = services(settings)
+        log.info("api started")
+        try:
+            yield
+        finally:
+            app.state.services.close()
+            log.info("api stopped")
+
+    app = FastAPI(
+        title="Trade Store",
+        version="0.1.0",
+        summary="Ingest trade versions over REST; poll each request to SUCCESS or FAILED.",
+        lifespan=lifespan,
+    )
+    problems.install(app, settings.retry_after_seconds)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(CorrelationMiddleware)
+    app.include_router(router)
+    return app

@@ -1,0 +1,103 @@
+"""RFC 9457 problem+json: every error the API returns goes through here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from domain.ports import Unavailable
+
+MEDIA_TYPE = "application/problem+json"
+
+
+class ProblemError(Exception):
+    """Raise from a route to answer with a problem document."""
+
+    def __init__(self, status: int, code: str, title: str, field: str | None = None) -> None:
+        super().__init__(title)
+        self.status = status
+        self.code = code
+        self.title = title
+        self.field = field
+
+
+def problem_response(
+    status: int,
+    code: str,
+    title: str,
+    *,
+    detail: str | None = None,
+    field: str | None = None,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "code": code}
+    if detail is not None:
+        body["detail"] = detail
+    if field is not None:
+        body["field"] = field
+    if errors is not None:
+        body["errors"] = errors
+    return Response(orjson.dumps(body), status, headers=headers, media_type=MEDIA_TYPE)
+
+
+def _field_of(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or None
+
+
+def _errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    return [
+        {"field": _field_of(tuple(e.get("loc", ()))), "type": e.get("type"), "msg": e.get("msg")}
+        for e in exc.errors()
+    ]
+
+
+def install(app: FastAPI, retry_after_seconds: int) -> None:
+    """Map validation errors, HTTP errors, domain rejections and outages to problem+json."""
+
+    async def on_validation(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        errors = _errors(exc)
+        first = errors[0] if errors else {}
+        malformed = first.get("type") == "json_invalid"
+        return problem_response(
+            422,
+            "MALFORMED_JSON" if malformed else "VALIDATION_ERROR",
+            "Request body is not valid JSON" if malformed else "Request is invalid",
+            detail=str(first.get("msg")) if first else None,
+            field=first.get("field"),
+            errors=errors,
+        )
+
+    async def on_problem(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ProblemError)
+        return problem_response(exc.status, exc.code, exc.title, field=exc.field)
+
+    async def on_unavailable(_: Request, exc: Exception) -> Response:
+        return problem_response(
+            503,
+            "SERVICE_UNAVAILABLE",
+            "A dependency is unavailable; retry later",
+            detail=str(exc),
+            headers={"Retry-After": str(retry_after_seconds)},
+        )
+
+    async def on_http(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}.get(
+            exc.status_code, "HTTP_ERROR"
+        )
+        return problem_response(
+            exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None)
+        )
+
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(ProblemError, on_problem)
+    app.add_exception_handler(Unavailable, on_unavailable)
+    app.add_exception_handler(HTTPException, on_http)

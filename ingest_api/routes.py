@@ -1,0 +1,189 @@
+"""The /api/v1 routes. Each handler's docstring is its OpenAPI description."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import uuid
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from config.clock import business_today, utc_now
+from domain.message import TradeMessage, valid_id, valid_version
+from domain.ports import TradeFilter, Unavailable
+from domain.status import RequestState, RequestStatus
+from domain.trade import check_maturity
+from ingest_api.deps import ServicesDep, SettingsDep
+from ingest_api.problems import MEDIA_TYPE, ProblemError
+from ingest_api.schemas import AcceptedOut, HealthOut, Problem, RequestOut, TradeIn, TradeOut
+
+router = APIRouter(prefix="/api/v1")
+PROBLEM: dict[str, Any] = {"model": Problem, "content": {MEDIA_TYPE: {}}}
+UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {**PROBLEM, "description": "A dependency is down; retry after Retry-After"}
+}
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status, headers=headers, media_type="application/json")
+
+
+@router.post(
+    "/trades",
+    status_code=202,
+    response_model=AcceptedOut,
+    responses={
+        400: {**PROBLEM, "description": "Maturity date before today (code MATURITY_PASSED)"},
+        413: {**PROBLEM, "description": "Body too large"},
+        422: {**PROBLEM, "description": "Malformed or invalid body"},
+        **UNAVAILABLE,
+    },
+)
+async def submit_trade(
+    body: TradeIn, request: Request, services: ServicesDep, settings: SettingsDep
+) -> Response:
+    """Accept a trade version; 202 once it is durably queued and its request is PENDING."""
+    today = business_today(settings.business_timezone)
+    trade = body.to_domain(today)
+    rejected = check_maturity(trade, today)
+    if rejected is not None:
+        raise ProblemError(400, rejected.code.value, rejected.message, field="maturity_date")
+    now = utc_now()
+    message = TradeMessage(
+        request_id=str(uuid.uuid4()),
+        correlation_id=request.scope["state"]["correlation_id"],
+        accepted_on=today,
+        accepted_at=now,
+        trade=trade,
+    )
+    # Queue first: a PENDING record is only ever written for a trade that is queued, so a
+    # failed enqueue leaves nothing PENDING behind. The dataflow's terminal write never
+    # depends on the PENDING record existing.
+    await services.queue.publish(message)
+    await run_in_threadpool(
+        services.statuses.put_pending,
+        RequestStatus(
+            request_id=message.request_id,
+            state=RequestState.PENDING,
+            trade_id=trade.trade_id,
+            version=trade.version,
+            created_at=now,
+            updated_at=now,
+        ),
+    )
+    return _json(
+        202,
+        {
+            "request_id": message.request_id,
+            "status": RequestState.PENDING.value,
+            "trade_id": trade.trade_id,
+            "version": trade.version,
+        },
+        {"Location": f"/api/v1/requests/{message.request_id}"},
+    )
+
+
+@router.get(
+    "/requests/{request_id}",
+    response_model=RequestOut,
+    responses={404: {**PROBLEM, "description": "Unknown request id"}, **UNAVAILABLE},
+)
+def get_request(request_id: str, services: ServicesDep) -> Response:
+    """The status of one submission: PENDING, then SUCCESS or FAILED with a reason."""
+    status = services.statuses.get(request_id) if valid_id(request_id) else None
+    if status is None:
+        raise ProblemError(404, "NOT_FOUND", f"No request {request_id}", field="request_id")
+    return _json(200, RequestOut.of(status).model_dump(mode="json"))
+
+
+def encode_cursor(trade_id: str, version: int) -> str:
+    raw = json.dumps([trade_id, version], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[str, int]:
+    try:
+        value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (binascii.Error, ValueError):
+        value = None
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and valid_id(value[0])
+        and valid_version(value[1])
+    ):
+        return value[0], value[1]
+    raise ProblemError(400, "INVALID_CURSOR", "The 'after' cursor is not valid", field="after")
+
+
+@router.get(
+    "/trades",
+    response_model=list[TradeOut],
+    responses={400: {**PROBLEM, "description": "Invalid cursor"}, **UNAVAILABLE},
+)
+def list_trades(
+    request: Request,
+    services: ServicesDep,
+    settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[str | None, Query(description="Cursor from the Link header")] = None,
+    book_id: str | None = None,
+    counterparty_id: str | None = None,
+    expired: bool | None = None,
+) -> Response:
+    """Stored trade versions ordered by (trade_id bytes, version); `Link: rel="next"` pages."""
+    rows = services.trades.page(
+        decode_cursor(after) if after else None,
+        limit + 1,
+        TradeFilter(book_id=book_id, counterparty_id=counterparty_id, expired=expired),
+        business_today(settings.business_timezone),
+    )
+    headers = {}
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1].trade
+        url = request.url.include_query_params(after=encode_cursor(last.trade_id, last.version))
+        headers["Link"] = f'<{url}>; rel="next"'
+    return _json(200, [TradeOut.of(r).model_dump(mode="json") for r in rows], headers)
+
+
+@router.get(
+    "/trades/{trade_id}",
+    response_model=list[TradeOut],
+    responses={404: {**PROBLEM, "description": "No stored version"}, **UNAVAILABLE},
+)
+def get_trade(trade_id: str, services: ServicesDep, settings: SettingsDep) -> Response:
+    """Every stored version of one trade, ascending."""
+    rows = (
+        services.trades.versions(trade_id, business_today(settings.business_timezone))
+        if valid_id(trade_id)
+        else []
+    )
+    if not rows:
+        raise ProblemError(404, "NOT_FOUND", f"No trade {trade_id}", field="trade_id")
+    return _json(200, [TradeOut.of(r).model_dump(mode="json") for r in rows])
+
+
+async def _check(ping: Any, timeout_s: float = 3.0) -> str:
+    try:
+        await asyncio.wait_for(run_in_threadpool(ping), timeout_s)
+    except (Unavailable, TimeoutError):
+        return "unavailable"
+    return "ok"
+
+
+@router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
+async def health(services: ServicesDep) -> Response:
+    """Real checks of the trade store, the queue and the status store."""
+    db, kafka, status_store = await asyncio.gather(
+        _check(services.trades.ping), _check(services.queue.ping), _check(services.statuses.ping)
+    )
+    parts = {"db": db, "kafka": kafka, "status_store": status_store}
+    healthy = all(v == "ok" for v in parts.values())
+    return _json(200 if healthy else 503, {"status": "ok" if healthy else "degraded", **parts})

@@ -1,0 +1,169 @@
+"""The HTTP contract's pydantic models, kept apart from the domain's dataclasses."""
+
+from __future__ import annotations
+
+import re
+from datetime import date, datetime
+from typing import Annotated
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StringConstraints,
+)
+
+from domain.message import MAX_ID_LENGTH, MAX_VERSION
+from domain.ports import StoredTrade
+from domain.status import RequestState, RequestStatus
+from domain.trade import ReasonCode, Trade
+
+
+def _printable(value: str) -> str:
+    if not value.isprintable():
+        raise ValueError("must contain only printable characters")
+    return value
+
+
+Identifier = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_ID_LENGTH),
+    AfterValidator(_printable),
+]
+
+
+def _iso_date(value: object) -> object:
+    """Only ISO dates (YYYY-MM-DD) as strings: no timestamps, no other formats."""
+    if isinstance(value, date):
+        return value
+    if not isinstance(value, str) or not ISO_DATE.fullmatch(value):
+        raise ValueError("must be an ISO date string, YYYY-MM-DD")
+    return date.fromisoformat(value)
+
+
+ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+IsoDate = Annotated[date, BeforeValidator(_iso_date)]
+
+
+class TradeIn(BaseModel):
+    """A trade version as submitted by an upstream system."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "trade_id": "T1",
+                    "version": 1,
+                    "counterparty_id": "CP-1",
+                    "book_id": "B1",
+                    "maturity_date": "2030-05-20",
+                }
+            ]
+        },
+    )
+
+    trade_id: Identifier
+    version: Annotated[StrictInt, Field(ge=1, le=MAX_VERSION)]
+    counterparty_id: Identifier
+    book_id: Identifier
+    maturity_date: IsoDate
+    created_date: IsoDate | None = Field(default=None, description="Defaults to today.")
+
+    def to_domain(self, today: date) -> Trade:
+        return Trade(
+            trade_id=self.trade_id,
+            version=self.version,
+            counterparty_id=self.counterparty_id,
+            book_id=self.book_id,
+            maturity_date=self.maturity_date,
+            created_date=self.created_date or today,
+        )
+
+
+class AcceptedOut(BaseModel):
+    """The acknowledgement: the trade is durably queued; poll the Location for the outcome."""
+
+    request_id: str
+    status: RequestState = RequestState.PENDING
+    trade_id: str
+    version: int
+
+
+class RequestOut(BaseModel):
+    """A request's status as the client polls it."""
+
+    request_id: str
+    status: RequestState
+    trade_id: str
+    version: int
+    failure_reason: str | None
+    reason_code: ReasonCode | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, status: RequestStatus) -> RequestOut:
+        return cls(
+            request_id=status.request_id,
+            status=status.state,
+            trade_id=status.trade_id,
+            version=status.version,
+            failure_reason=status.failure_reason,
+            reason_code=status.reason_code,
+            created_at=status.created_at,
+            updated_at=status.updated_at,
+        )
+
+
+class TradeOut(BaseModel):
+    """One stored version of a trade."""
+
+    trade_id: str
+    version: int
+    counterparty_id: str
+    book_id: str
+    maturity_date: date
+    created_date: date
+    expired: bool
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, stored: StoredTrade) -> TradeOut:
+        t = stored.trade
+        return cls(
+            trade_id=t.trade_id,
+            version=t.version,
+            counterparty_id=t.counterparty_id,
+            book_id=t.book_id,
+            maturity_date=t.maturity_date,
+            created_date=t.created_date,
+            expired=stored.expired,
+            created_at=stored.created_at,
+            updated_at=stored.updated_at,
+        )
+
+
+class HealthOut(BaseModel):
+    """ "ok" only when every dependency answered; otherwise "degraded" with the failing part."""
+
+    status: str
+    db: str
+    kafka: str
+    status_store: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, with a machine-readable ``code`` and the offending ``field``."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    code: str
+    field: str | None = None
+    errors: list[dict[str, object]] | None = None

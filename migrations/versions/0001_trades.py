@@ -1,0 +1,88 @@
+"""Create the trades table, its version guard and the decision log.
+
+Revision ID: 0001
+Revises:
+Create Date: 2026-11-28
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+# Invariant 7: whatever the client, a version below the highest stored for its trade_id is
+# skipped (the row is not written), and a row's key never changes. The advisory lock
+# serialises concurrent writers of one trade_id so the check cannot race.
+GUARD = """
+CREATE FUNCTION trades_guard_version() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        IF NEW.trade_id <> OLD.trade_id OR NEW.version <> OLD.version THEN
+            RAISE EXCEPTION 'trades: trade_id and version are immutable';
+        END IF;
+        RETURN NEW;
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtextextended(NEW.trade_id, 0));
+    IF EXISTS (
+        SELECT 1 FROM trades WHERE trade_id = NEW.trade_id AND version > NEW.version
+    ) THEN
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+CREATE TRIGGER trades_guard_version
+    BEFORE INSERT OR UPDATE ON trades
+    FOR EACH ROW EXECUTE FUNCTION trades_guard_version();
+"""
+
+
+def upgrade() -> None:
+    op.create_table(
+        "trades",
+        sa.Column("trade_id", sa.String(64, collation="C"), primary_key=True),
+        sa.Column("version", sa.Integer, primary_key=True),
+        sa.Column("counterparty_id", sa.String(64), nullable=False),
+        sa.Column("book_id", sa.String(64), nullable=False),
+        sa.Column("maturity_date", sa.Date, nullable=False),
+        sa.Column("created_date", sa.Date, nullable=False),
+        sa.Column("expired", sa.Boolean, nullable=False, server_default=sa.text("false")),
+        sa.Column(
+            "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+        ),
+        sa.Column(
+            "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+        ),
+        sa.CheckConstraint("version >= 1", name="trades_version_positive"),
+    )
+    op.create_index("ix_trades_book_id", "trades", ["book_id"])
+    op.create_index("ix_trades_counterparty_id", "trades", ["counterparty_id"])
+    op.create_index(
+        "ix_trades_unexpired_maturity",
+        "trades",
+        ["maturity_date"],
+        postgresql_where=sa.text("NOT expired"),
+    )
+    op.execute(GUARD)
+    op.create_table(
+        "request_outcomes",
+        sa.Column("request_id", sa.String(64, collation="C"), primary_key=True),
+        sa.Column("trade_id", sa.String(64), nullable=False),
+        sa.Column("version", sa.Integer, nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("reason_code", sa.String(32)),
+        sa.Column("failure_reason", sa.String(256)),
+        sa.Column(
+            "decided_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+        ),
+    )
+
+
+def downgrade() -> None:
+    op.execute("DROP TRIGGER IF EXISTS trades_guard_version ON trades")
+    op.execute("DROP FUNCTION IF EXISTS trades_guard_version()")
+    op.drop_table("request_outcomes")
+    op.drop_table("trades")

@@ -1,0 +1,77 @@
+"""The trade-store and status-store sinks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import structlog
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
+from domain.decided import Decided
+from domain.ports import StatusStore, TradeStore
+from domain.status import Outcome, RequestState
+from sinks.retry import until_available
+
+log = structlog.get_logger("sinks")
+
+
+def log_outcomes(outcomes: list[Outcome], correlation: dict[str, str]) -> None:
+    """One line per FAILED request (with its correlation id); successes only at debug."""
+    for o in outcomes:
+        level = log.info if o.state is RequestState.FAILED else log.debug
+        level(
+            "request decided",
+            request_id=o.request_id,
+            correlation_id=correlation.get(o.request_id),
+            trade_id=o.trade_id,
+            version=o.version,
+            status=o.state.value,
+            reason_code=o.reason_code.value if o.reason_code else None,
+        )
+
+
+class _TradePartition(StatelessSinkPartition[Decided]):
+    def __init__(self, trades: TradeStore, statuses: StatusStore) -> None:
+        self._trades = trades
+        self._statuses = statuses
+
+    def write_batch(self, items: list[Decided]) -> None:
+        outcomes = until_available(lambda: self._trades.record(items), "trade store")
+        # Only now, with the rows committed, may any request say SUCCESS.
+        until_available(lambda: self._statuses.complete(outcomes), "status store")
+        log_outcomes(outcomes, {d.message.request_id: d.message.correlation_id for d in items})
+
+
+class TradeSink(DynamicSink[Decided]):
+    """Commits a batch's accepted rows in one transaction, then writes every outcome.
+
+    At-least-once; idempotent by (trade_id, version) in the store and by conditional
+    terminal writes in the status store. Outages are retried with backoff, never dropped.
+    """
+
+    def __init__(
+        self, trades: Callable[[], TradeStore], statuses: Callable[[], StatusStore]
+    ) -> None:
+        self._trades = trades
+        self._statuses = statuses
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _TradePartition:
+        return _TradePartition(self._trades(), self._statuses())
+
+
+class _StatusPartition(StatelessSinkPartition[Outcome]):
+    def __init__(self, statuses: StatusStore) -> None:
+        self._statuses = statuses
+
+    def write_batch(self, items: list[Outcome]) -> None:
+        until_available(lambda: self._statuses.complete(items), "status store")
+
+
+class StatusSink(DynamicSink[Outcome]):
+    """Writes terminal outcomes; at-least-once, idempotent (a terminal state never changes)."""
+
+    def __init__(self, statuses: Callable[[], StatusStore]) -> None:
+        self._statuses = statuses
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _StatusPartition:
+        return _StatusPartition(self._statuses())

@@ -1,0 +1,180 @@
+"""The dataflow's decisions, ordering, dead letters and recovery, without external services."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from bytewax.recovery import RecoveryConfig, init_db_dir
+from bytewax.testing import TestingSource, run_main
+
+from domain.status import RequestState
+from domain.trade import ReasonCode, Trade
+from tests.flows.conftest import TODAY, Pipeline, Record, Runner, record
+
+
+def states(p: Pipeline) -> dict[str, tuple[str, str | None]]:
+    return {
+        rid: (s.state.value, s.reason_code.value if s.reason_code else None)
+        for rid, s in p.statuses.items.items()
+    }
+
+
+def test_specification_rules(pipeline: Pipeline, runner: Runner) -> None:
+    items = [
+        record("r1", "T1", 1),
+        record("r2", "T2", 2),
+        record("r3", "T2", 1),  # lower than stored: stale
+        record("r4", "T2", 2, counterparty="CP-9"),  # same: replaces
+        record("r5", "T3", 3, maturity=TODAY - timedelta(days=1)),  # matured
+        record("r6", "T1", 5),  # higher: new row
+    ]
+    runner(pipeline.flow(items))
+    assert states(pipeline) == {
+        "r1": ("SUCCESS", None),
+        "r2": ("SUCCESS", None),
+        "r3": ("FAILED", "STALE_VERSION"),
+        "r4": ("SUCCESS", None),
+        "r5": ("FAILED", "MATURITY_PASSED"),
+        "r6": ("SUCCESS", None),
+    }
+    assert sorted(pipeline.trades.rows) == [("T1", 1), ("T1", 5), ("T2", 2)]
+    assert pipeline.trades.rows[("T2", 2)].trade.counterparty_id == "CP-9"
+
+
+def test_decision_uses_accepted_date_not_today(pipeline: Pipeline, runner: Runner) -> None:
+    """Replaying a message later gives the decision it got when accepted."""
+    long_ago = TODAY - timedelta(days=400)
+    runner(pipeline.flow([record("r1", "T1", 1, maturity=long_ago, accepted_on=long_ago)]))
+    assert states(pipeline) == {"r1": ("SUCCESS", None)}
+
+
+def test_per_trade_order_across_batches_and_workers(pipeline: Pipeline, runner: Runner) -> None:
+    versions = [1, 2, 2, 1, 3, 2, 4, 4, 1, 5]
+    items = []
+    for n in range(20):
+        items += [record(f"{n}-{i}", f"T{n}", v) for i, v in enumerate(versions)]
+    runner(pipeline.flow(items, batch_size=7))
+    for n in range(20):
+        got = [pipeline.statuses.items[f"{n}-{i}"].state for i in range(len(versions))]
+        assert got == [
+            RequestState.SUCCESS if ok else RequestState.FAILED
+            for ok in [1, 1, 1, 0, 1, 0, 1, 1, 0, 1]
+        ]
+        assert [v for t, v in pipeline.trades.rows if t == f"T{n}"] == [1, 2, 3, 4, 5]
+
+
+def test_unseen_trade_ids_are_decided_against_the_store(pipeline: Pipeline, runner: Runner) -> None:
+    """Lost recovery state: the store is the truth for a trade_id the flow has not seen."""
+    pipeline.trades.apply([Trade("T1", 3, "CP", "B", TODAY, TODAY)])
+    items = [record("r1", "T1", 2), record("r2", "T1", 3), record("r3", "T9", 1)]
+    runner(pipeline.flow(items, batch_size=3))
+    assert states(pipeline) == {
+        "r1": ("FAILED", "STALE_VERSION"),
+        "r2": ("SUCCESS", None),
+        "r3": ("SUCCESS", None),
+    }
+    # One bulk lookup per batch, not one per message.
+    assert pipeline.trades.lookups == 1 or runner.__name__ == "run_two_workers"
+
+
+def test_store_guard_overrides_a_diverged_decision(pipeline: Pipeline, runner: Runner) -> None:
+    """If the store gained a higher version behind the flow's back, the request is FAILED."""
+    original_apply = pipeline.trades.apply
+
+    def sneaky_apply(trades: list[Trade]) -> set[tuple[str, int]]:
+        original_apply([Trade("T1", 9, "CP", "B", TODAY, TODAY)])
+        return original_apply(trades)
+
+    pipeline.trades.apply = sneaky_apply  # type: ignore[method-assign]
+    runner(pipeline.flow([record("r1", "T1", 1)]))
+    assert states(pipeline) == {"r1": ("FAILED", "STALE_VERSION")}
+
+
+def test_bad_data_goes_to_dead_letters_and_flow_continues(
+    pipeline: Pipeline, runner: Runner
+) -> None:
+    items = [
+        Record(b"k", b"not json", [("request_id", b"bad-1"), ("correlation_id", b"c")]),
+        Record(None, None, []),
+        record("r1", "T1", 1),
+    ]
+    runner(pipeline.flow(items))
+    assert [d.reason for d in pipeline.dead] == ["value is not JSON", "value is not a JSON object"]
+    assert pipeline.dead[0].kafka_headers()[-1] == ("dlq_reason", b"value is not JSON")
+    assert pipeline.dead[0].correlation_id == "c"
+    assert states(pipeline) == {
+        "bad-1": ("FAILED", ReasonCode.INVALID_MESSAGE.value),
+        "r1": ("SUCCESS", None),
+    }
+
+
+def test_outage_is_retried_not_dropped(pipeline: Pipeline) -> None:
+    """A store that fails twice then recovers: the flow waits, then writes everything."""
+    failures = {"left": 2}
+    original = pipeline.trades.apply
+
+    def flaky(trades: list[Trade]) -> set[tuple[str, int]]:
+        if failures["left"]:
+            failures["left"] -= 1
+            pipeline.trades.down = True
+            try:
+                return original(trades)
+            finally:
+                pipeline.trades.down = False
+        return original(trades)
+
+    pipeline.trades.apply = flaky  # type: ignore[method-assign]
+    run_main(pipeline.flow([record("r1", "T1", 1), record("r2", "T1", 2)]))
+    assert failures["left"] == 0
+    assert states(pipeline) == {"r1": ("SUCCESS", None), "r2": ("SUCCESS", None)}
+
+
+def test_abort_and_resume_is_idempotent(pipeline: Pipeline, tmp_path: Path) -> None:
+    """Crash mid-stream, resume from the snapshot: same store, same statuses, nothing twice."""
+    init_db_dir(tmp_path, 1)
+    recovery = RecoveryConfig(tmp_path)
+    items = [
+        record("r1", "T1", 1),
+        record("r2", "T1", 2),
+        TestingSource.ABORT(),
+        record("r3", "T1", 1),
+        record("r4", "T1", 3),
+    ]
+    flow = pipeline.flow(items, batch_size=1)
+    run_main(flow, epoch_interval=timedelta(0), recovery_config=recovery)
+    assert "r3" not in pipeline.statuses.items
+    run_main(flow, epoch_interval=timedelta(0), recovery_config=recovery)
+    assert states(pipeline) == {
+        "r1": ("SUCCESS", None),
+        "r2": ("SUCCESS", None),
+        "r3": ("FAILED", "STALE_VERSION"),
+        "r4": ("SUCCESS", None),
+    }
+    assert sorted(pipeline.trades.rows) == [("T1", 1), ("T1", 2), ("T1", 3)]
+
+
+def test_crash_between_commit_and_status_then_replay(pipeline: Pipeline) -> None:
+    """Rows committed, statuses never written, recovery state lost: the replay must still
+    report what was decided the first time (the decision log), not re-decide against a
+    store that already holds later versions."""
+    items = [record("r1", "T1", 1), record("r2", "T1", 2), record("r3", "T1", 1)]
+    original = pipeline.statuses.complete
+
+    def crash(_: object) -> None:
+        raise RuntimeError("killed before the status write")
+
+    pipeline.statuses.complete = crash  # type: ignore[assignment,method-assign]
+    with pytest.raises(RuntimeError):
+        run_main(pipeline.flow(items, batch_size=3))
+    assert sorted(pipeline.trades.rows) == [("T1", 1), ("T1", 2)]
+    assert pipeline.statuses.items == {}
+
+    pipeline.statuses.complete = original  # type: ignore[method-assign]
+    run_main(pipeline.flow(items, batch_size=1))
+    assert states(pipeline) == {
+        "r1": ("SUCCESS", None),
+        "r2": ("SUCCESS", None),
+        "r3": ("FAILED", "STALE_VERSION"),
+    }

@@ -1,0 +1,73 @@
+"""The Kafka producer: durable publish keyed by trade_id, headers, and outage behaviour."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, date, datetime
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from adapters.kafka import KafkaTradeQueue, ensure_topics
+from config.settings import Settings
+from domain.message import TradeMessage, decode
+from domain.ports import Unavailable
+from domain.trade import Trade
+from tests.conftest import unique
+
+
+def message(trade_id: str) -> TradeMessage:
+    return TradeMessage(
+        request_id=str(uuid.uuid4()),
+        correlation_id="corr-1",
+        accepted_on=date.today(),
+        accepted_at=datetime.now(UTC),
+        trade=Trade(trade_id, 1, "CP", "B", date(2099, 1, 1), date.today()),
+    )
+
+
+def read_all(bootstrap: str, topic: str, partitions: int, expect: int) -> list[object]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("g")})
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    got: list[object] = []
+    for _ in range(100):
+        got += [m for m in consumer.consume(100, 0.2) if m.error() is None]
+        if len(got) >= expect:
+            break
+    consumer.close()
+    return got
+
+
+async def test_publish_round_trip(migrated: Settings) -> None:
+    topic = unique("queue-test")
+    ensure_topics(migrated.kafka_bootstrap_servers, {topic: 3}, 1)
+    queue = KafkaTradeQueue(migrated.kafka_bootstrap_servers, topic, 5000, 1)
+    sent = [message("T-same"), message("T-same"), message("T-other")]
+    for m in sent:
+        await queue.publish(m)
+    queue.ping()
+    queue.close()
+    got = read_all(migrated.kafka_bootstrap_servers, topic, 3, 3)
+    decoded = {decode(m.value()).request_id: m for m in got}  # type: ignore[attr-defined]
+    assert set(decoded) == {m.request_id for m in sent}
+    same = [decoded[m.request_id] for m in sent[:2]]
+    assert {m.partition() for m in same} == {same[0].partition()}  # type: ignore[attr-defined]
+    assert same[0].key() == b"T-same"  # type: ignore[attr-defined]
+    headers = dict(same[0].headers())  # type: ignore[attr-defined]
+    assert headers["request_id"] == sent[0].request_id.encode()
+    assert headers["correlation_id"] == b"corr-1"
+
+
+def test_ensure_topics_is_idempotent(migrated: Settings) -> None:
+    topic = unique("topic")
+    assert ensure_topics(migrated.kafka_bootstrap_servers, {topic: 2}, 1) == [topic]
+    assert ensure_topics(migrated.kafka_bootstrap_servers, {topic: 2}, 1) == []
+
+
+async def test_unreachable_broker_is_unavailable() -> None:
+    queue = KafkaTradeQueue("127.0.0.1:1", "nowhere", 300, 0)
+    with pytest.raises(Unavailable):
+        await queue.publish(message("T"))
+    with pytest.raises(Unavailable):
+        queue.ping()
+    queue.close()

@@ -1,0 +1,131 @@
+"""The PostgreSQL trade store: upserts, the version guard in SQL, paging, expiry."""
+
+from __future__ import annotations
+
+import threading
+from datetime import date, timedelta
+
+import pytest
+from sqlalchemy import text
+
+from adapters.postgres import PostgresTradeStore, make_engine
+from config.settings import Settings
+from domain.ports import TradeFilter, Unavailable
+from domain.trade import Trade
+from tests.conftest import unique
+
+TODAY = date.today()
+
+
+def trade(tid: str, version: int, cp: str = "CP-1", book: str = "B1", days: int = 10) -> Trade:
+    return Trade(tid, version, cp, book, TODAY + timedelta(days=days), TODAY)
+
+
+def test_upsert_versions_and_replace(trade_store: PostgresTradeStore) -> None:
+    tid = unique("T")
+    assert trade_store.apply([trade(tid, 1), trade(tid, 2)]) == {(tid, 1), (tid, 2)}
+    first = trade_store.versions(tid, TODAY)
+    assert trade_store.apply([trade(tid, 2, cp="CP-9")]) == {(tid, 2)}
+    rows = trade_store.versions(tid, TODAY)
+    assert [(r.trade.version, r.trade.counterparty_id) for r in rows] == [(1, "CP-1"), (2, "CP-9")]
+    assert rows[1].created_at == first[1].created_at
+    assert rows[1].updated_at >= first[1].updated_at
+    assert trade_store.highest_versions([tid, "absent"]) == {tid: 2}
+
+
+def test_same_key_twice_in_one_batch_keeps_the_last(trade_store: PostgresTradeStore) -> None:
+    tid = unique("T")
+    assert trade_store.apply([trade(tid, 1, cp="A"), trade(tid, 1, cp="B")]) == {(tid, 1)}
+    assert trade_store.versions(tid, TODAY)[0].trade.counterparty_id == "B"
+
+
+def test_guard_refuses_lower_versions(trade_store: PostgresTradeStore) -> None:
+    tid = unique("T")
+    trade_store.apply([trade(tid, 3)])
+    assert trade_store.apply([trade(tid, 2)]) == set()
+    assert [r.trade.version for r in trade_store.versions(tid, TODAY)] == [3]
+
+
+def test_guard_holds_for_any_client(migrated: Settings) -> None:
+    """Invariant 7 lives in the database: raw SQL can neither insert below nor re-key a row."""
+    engine = make_engine(migrated.database_url.get_secret_value())
+    tid = unique("T")
+    insert = text(
+        "INSERT INTO trades (trade_id, version, counterparty_id, book_id, maturity_date,"
+        " created_date) VALUES (:t, :v, 'CP', 'B', CURRENT_DATE, CURRENT_DATE)"
+    )
+    with engine.begin() as conn:
+        conn.execute(insert, {"t": tid, "v": 5})
+        conn.execute(insert, {"t": tid, "v": 4})
+        versions = conn.execute(text("SELECT version FROM trades WHERE trade_id = :t"), {"t": tid})
+        assert versions.scalars().all() == [5]
+    with pytest.raises(Exception, match="immutable"), engine.begin() as conn:
+        conn.execute(text("UPDATE trades SET version = 1 WHERE trade_id = :t"), {"t": tid})
+    engine.dispose()
+
+
+def test_concurrent_writers_cannot_store_below_the_head(trade_store: PostgresTradeStore) -> None:
+    """Two threads race v1..v20 of the same trade_ids; the guard keeps the store monotonic."""
+    ids = [unique("T") for _ in range(5)]
+    errors: list[BaseException] = []
+
+    def writer(versions: range) -> None:
+        try:
+            for v in versions:
+                trade_store.apply([trade(tid, v) for tid in ids])
+        except BaseException as exc:  # pragma: no cover - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(r,)) for r in (range(20, 0, -1), range(1, 21))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for tid in ids:
+        versions = [r.trade.version for r in trade_store.versions(tid, TODAY)]
+        assert versions[-1] == 20
+        # The descending writer stored 20 first, so nothing below 20 was written after it.
+        assert all(v <= 20 for v in versions)
+
+
+def test_page_is_byte_ordered_and_keyset(trade_store: PostgresTradeStore) -> None:
+    book = unique("book")
+    ids = ["b", "a", "B", "é", "Z", "aa"]
+    trade_store.apply([trade(f"{book}-{i}", 1, book=book) for i in ids])
+    where = TradeFilter(book_id=book)
+    seen: list[str] = []
+    after = None
+    while True:
+        page = trade_store.page(after, 2, where, TODAY)
+        if not page:
+            break
+        seen += [r.trade.trade_id for r in page]
+        after = (page[-1].trade.trade_id, page[-1].trade.version)
+    assert seen == sorted((f"{book}-{i}" for i in ids), key=str.encode)
+
+
+def test_filters_and_expiry(trade_store: PostgresTradeStore) -> None:
+    book, cp = unique("book"), unique("cp")
+    live, old = unique("T"), unique("T")
+    trade_store.apply([trade(live, 1, cp=cp, book=book), trade(old, 1, book=book, days=-2)])
+    rows = {
+        r.trade.trade_id: r for r in trade_store.page(None, 10, TradeFilter(book_id=book), TODAY)
+    }
+    assert rows[old].expired is True  # computed on read before any sweep
+    assert rows[live].expired is False
+    assert [
+        r.trade.trade_id for r in trade_store.page(None, 10, TradeFilter(counterparty_id=cp), TODAY)
+    ] == [live]
+    expired = trade_store.page(None, 10, TradeFilter(book_id=book, expired=True), TODAY)
+    assert [r.trade.trade_id for r in expired] == [old]
+    assert trade_store.expire(TODAY) >= 1
+    assert trade_store.expire(TODAY) == 0
+    # The flag is now stored: it stays even when read "as of" an earlier day.
+    assert trade_store.versions(old, TODAY - timedelta(days=30))[0].expired is True
+
+
+def test_unreachable_database_is_unavailable() -> None:
+    store = PostgresTradeStore(make_engine("postgresql+psycopg://x:y@127.0.0.1:1/none"))
+    with pytest.raises(Unavailable):
+        store.ping()

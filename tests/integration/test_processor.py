@@ -1,0 +1,197 @@
+"""The processor (`trade-store process`) on real Kafka, PostgreSQL and dynalite."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from adapters import wiring
+from adapters.dynamodb import DynamoStatusStore
+from adapters.kafka import KafkaTradeQueue
+from adapters.postgres import PostgresTradeStore
+from config.settings import Settings
+from domain.message import TradeMessage, encode
+from domain.status import RequestState
+from domain.trade import Trade
+from tests.conftest import settings_env, unique
+from tests.support import start, stop, wait_for
+
+TODAY = date.today()
+
+
+@pytest.fixture
+def own(migrated: Settings, tmp_path: Path) -> Settings:
+    """This test's own topics, status table and recovery folder."""
+    settings = migrated.model_copy(
+        update={
+            "inbound_topic": unique("inbound"),
+            "dlq_topic": unique("dlq"),
+            "recovery_dir": tmp_path / "recovery",
+        }
+    )
+    wiring.create_topics(settings)
+    return settings
+
+
+class Processor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.proc = start(
+            f"processor-{settings.inbound_topic}", ["process"], settings_env(settings)
+        )
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        stop(self.proc, sig)
+
+
+@pytest.fixture
+def processor(own: Settings) -> Iterator[Processor]:
+    p = Processor(own)
+    yield p
+    p.stop()
+
+
+def message(trade_id: str, version: int, maturity_days: int = 30) -> TradeMessage:
+    return TradeMessage(
+        request_id=str(uuid.uuid4()),
+        correlation_id=unique("corr"),
+        accepted_on=TODAY,
+        accepted_at=datetime.now(UTC),
+        trade=Trade(trade_id, version, "CP-1", "B1", TODAY + timedelta(days=maturity_days), TODAY),
+    )
+
+
+async def publish(settings: Settings, rounds: list[list[TradeMessage]]) -> None:
+    """Publish round by round: every message of a round concurrently, rounds in order."""
+    queue = wiring.trade_queue(settings)
+    assert isinstance(queue, KafkaTradeQueue)
+    for batch in rounds:
+        await asyncio.gather(*(queue.publish(m) for m in batch))
+    queue.close()
+
+
+def terminal(store: DynamoStatusStore, request_ids: list[str]) -> dict[str, RequestState] | None:
+    states = {}
+    for rid in request_ids:
+        status = store.get(rid)
+        if status is None or not status.state.terminal:
+            return None
+        states[rid] = status.state
+    return states
+
+
+def test_decides_and_persists(
+    processor: Processor, trade_store: PostgresTradeStore, status_store: DynamoStatusStore
+) -> None:
+    tid = unique("T")
+    sent = [message(tid, 1), message(tid, 2), message(tid, 1), message(tid, 2)]
+    asyncio.run(publish(processor.settings, [[m] for m in sent]))
+    states = wait_for(
+        lambda: terminal(status_store, [m.request_id for m in sent]), 60, "all requests terminal"
+    )
+    assert [states[m.request_id] for m in sent] == [
+        RequestState.SUCCESS,
+        RequestState.SUCCESS,
+        RequestState.FAILED,
+        RequestState.SUCCESS,
+    ]
+    stale = status_store.get(sent[2].request_id)
+    assert stale is not None
+    assert stale.reason_code is not None
+    assert stale.reason_code.value == "STALE_VERSION"
+    assert [r.trade.version for r in trade_store.versions(tid, TODAY)] == [1, 2]
+
+
+def test_bad_data_goes_to_dead_letter_topic(
+    processor: Processor, status_store: DynamoStatusStore
+) -> None:
+    settings = processor.settings
+    bad_request = unique("bad")
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    producer.produce(
+        settings.inbound_topic,
+        key=b"T",
+        value=b"{broken",
+        headers=[("request_id", bad_request.encode()), ("correlation_id", b"c-bad")],
+    )
+    producer.flush(10)
+    good = message(unique("T"), 1)
+    asyncio.run(publish(settings, [[good]]))
+    wait_for(lambda: terminal(status_store, [bad_request, good.request_id]), 60, "terminal")
+    failed = status_store.get(bad_request)
+    assert failed is not None
+    assert failed.state is RequestState.FAILED
+    assert failed.reason_code is not None
+    assert failed.reason_code.value == "INVALID_MESSAGE"
+
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": "t"})
+    consumer.assign([TopicPartition(settings.dlq_topic, 0, 0)])
+    letters = wait_for(lambda: consumer.consume(10, 0.5), 30, "a dead letter")
+    consumer.close()
+    assert letters[0].value() == b"{broken"
+    headers = dict(letters[0].headers())
+    assert headers["request_id"] == bad_request.encode()
+    assert headers["dlq_reason"] == b"value is not JSON"
+
+
+def test_restart_mid_stream_loses_nothing_and_lost_state_replays_cleanly(
+    own: Settings, trade_store: PostgresTradeStore, status_store: DynamoStatusStore
+) -> None:
+    """Kill -9 mid-stream, restart; then wipe recovery and replay the whole topic."""
+    ids = [unique("T") for _ in range(100)]
+    rounds = [[message(tid, v) for tid in ids] for v in range(1, 9)]
+    rounds.append([message(tid, 3) for tid in ids])  # stale
+    request_ids = [m.request_id for r in rounds for m in r]
+    asyncio.run(publish(own, rounds))
+
+    first = Processor(own)
+    wait_for(lambda: len(trade_store.highest_versions(ids)) >= 10, 60, "some progress")
+    first.stop(signal.SIGKILL)
+
+    second = Processor(own)
+    states = wait_for(lambda: terminal(status_store, request_ids), 120, "all terminal")
+    second.stop()
+    expected = {m.request_id: RequestState.SUCCESS for r in rounds[:-1] for m in r}
+    expected.update({m.request_id: RequestState.FAILED for m in rounds[-1]})
+    assert states == expected
+    rows_before = {tid: trade_store.versions(tid, TODAY) for tid in ids}
+    assert all(
+        [r.trade.version for r in rows] == list(range(1, 9)) for rows in rows_before.values()
+    )
+
+    shutil.rmtree(own.recovery_dir)
+    third = Processor(own)
+    sentinels = publish_sentinels(own)
+    wait_for(lambda: terminal(status_store, sentinels), 120, "replay of every partition")
+    third.stop()
+    assert terminal(status_store, request_ids) == expected
+    rows_after = {tid: trade_store.versions(tid, TODAY) for tid in ids}
+    assert {t: [(r.trade, r.created_at) for r in rows] for t, rows in rows_after.items()} == {
+        t: [(r.trade, r.created_at) for r in rows] for t, rows in rows_before.items()
+    }
+
+
+def publish_sentinels(settings: Settings) -> list[str]:
+    """One fresh message at the end of every partition: when all are decided, all is read."""
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    sentinels = []
+    for partition in range(settings.inbound_partitions):
+        m = message(unique("sentinel"), 1)
+        producer.produce(
+            settings.inbound_topic,
+            key=m.trade.trade_id.encode(),
+            value=encode(m),
+            partition=partition,
+            headers=[("request_id", m.request_id.encode())],
+        )
+        sentinels.append(m.request_id)
+    producer.flush(10)
+    return sentinels

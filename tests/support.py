@@ -1,0 +1,55 @@
+"""Helpers for tests that run our commands as real processes."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+LOGS = Path(__file__).parent.parent / ".services" / "test-logs"
+
+
+def wait_for(check: Callable[[], T | None], timeout: float, what: str, every: float = 0.1) -> T:
+    """Poll ``check`` until it returns something truthy, or fail saying what never happened."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start(name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start ``python -m cli.main ARGS`` with its output in .services/test-logs/NAME.log."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    log = (LOGS / f"{name}.log").open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *args], env=env, stdout=log, stderr=log
+    )
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+    """Signal the process and wait for it; kill it if it does not exit in time."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode

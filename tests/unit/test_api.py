@@ -1,0 +1,278 @@
+"""The HTTP contract, on fakes of the ports: validation, problem+json, 202/503, reads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date, timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+
+from adapters.wiring import Services
+from config.clock import business_today
+from config.settings import Settings
+from domain.status import Outcome, RequestState
+from domain.trade import ReasonCode, Trade
+from ingest_api.app import create_app
+from tests.fakes import FakeQueue, FakeStatusStore, FakeTradeStore
+
+TODAY = business_today("UTC")
+
+
+@dataclass
+class Api:
+    client: TestClient
+    trades: FakeTradeStore
+    statuses: FakeStatusStore
+    queue: FakeQueue
+
+
+@pytest.fixture
+def api() -> Iterator[Api]:
+    trades, statuses, queue = FakeTradeStore(), FakeStatusStore(), FakeQueue()
+    app = create_app(
+        Settings(max_body_bytes=1024, retry_after_seconds=7),
+        services=lambda _: Services(trades, statuses, queue),
+    )
+    with TestClient(app) as client:
+        yield Api(client, trades, statuses, queue)
+
+
+def body(**overrides: object) -> dict[str, object]:
+    payload: dict[str, object] = {
+        "trade_id": "T1",
+        "version": 1,
+        "counterparty_id": "CP-1",
+        "book_id": "B1",
+        "maturity_date": (TODAY + timedelta(days=30)).isoformat(),
+    }
+    payload.update(overrides)
+    return payload
+
+
+def test_accepts_and_queues(api: Api) -> None:
+    reply = api.client.post("/api/v1/trades", json=body(), headers={"X-Correlation-ID": "abc"})
+    assert reply.status_code == 202
+    data = reply.json()
+    assert data["status"] == "PENDING"
+    assert (data["trade_id"], data["version"]) == ("T1", 1)
+    assert reply.headers["location"] == f"/api/v1/requests/{data['request_id']}"
+    assert reply.headers["x-correlation-id"] == "abc"
+    [queued] = api.queue.messages
+    assert queued.request_id == data["request_id"]
+    assert queued.correlation_id == "abc"
+    assert queued.accepted_on == TODAY
+    assert queued.trade.created_date == TODAY
+    assert api.statuses.items[data["request_id"]].state is RequestState.PENDING
+
+    status = api.client.get(reply.headers["location"]).json()
+    assert status["status"] == "PENDING"
+    assert status["reason_code"] is None
+
+
+def test_generates_correlation_id(api: Api) -> None:
+    reply = api.client.post("/api/v1/trades", json=body())
+    assert len(reply.headers["x-correlation-id"]) == 32
+
+
+def test_trims_ids(api: Api) -> None:
+    reply = api.client.post("/api/v1/trades", json=body(trade_id="  T9 "))
+    assert reply.json()["trade_id"] == "T9"
+
+
+def test_maturity_before_today_is_400(api: Api) -> None:
+    reply = api.client.post(
+        "/api/v1/trades", json=body(maturity_date=(TODAY - timedelta(days=1)).isoformat())
+    )
+    assert reply.status_code == 400
+    assert reply.headers["content-type"] == "application/problem+json"
+    problem = reply.json()
+    assert problem["code"] == ReasonCode.MATURITY_PASSED
+    assert problem["field"] == "maturity_date"
+    assert api.queue.messages == []
+    assert api.statuses.items == {}
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        (body(version="1"), "version"),
+        (body(version=1.0), "version"),
+        (body(version=0), "version"),
+        (body(version=2**31), "version"),
+        (body(version=True), "version"),
+        (body(trade_id=""), "trade_id"),
+        (body(trade_id="   "), "trade_id"),
+        (body(trade_id="x" * 65), "trade_id"),
+        (body(book_id="a\tb"), "book_id"),
+        (body(maturity_date="20/05/2030"), "maturity_date"),
+        (body(maturity_date=20300520), "maturity_date"),
+        (body(created_date="2030-02-30"), "created_date"),
+        (body(extra="x"), "extra"),
+        ({k: v for k, v in body().items() if k != "counterparty_id"}, "counterparty_id"),
+    ],
+)
+def test_invalid_input_is_422_with_field(api: Api, payload: dict[str, object], field: str) -> None:
+    reply = api.client.post("/api/v1/trades", json=payload)
+    assert reply.status_code == 422
+    assert reply.headers["content-type"] == "application/problem+json"
+    problem = reply.json()
+    assert problem["code"] == "VALIDATION_ERROR"
+    assert problem["field"] == field
+    assert problem["status"] == 422
+    assert api.queue.messages == []
+
+
+def test_malformed_json_is_422(api: Api) -> None:
+    reply = api.client.post(
+        "/api/v1/trades", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert reply.status_code == 422
+    assert reply.json()["code"] == "MALFORMED_JSON"
+
+
+def test_body_too_large_is_413(api: Api) -> None:
+    reply = api.client.post("/api/v1/trades", json=body(book_id="B" * 2000))
+    assert reply.status_code == 413
+    assert reply.json()["code"] == "PAYLOAD_TOO_LARGE"
+
+
+def test_streamed_body_too_large_is_413(api: Api) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"trade_id": "' + b"x" * 800
+        yield b"y" * 800 + b'"}'
+
+    reply = api.client.post(
+        "/api/v1/trades", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert reply.status_code == 413
+    assert reply.json()["code"] == "PAYLOAD_TOO_LARGE"
+
+
+def test_queue_down_is_503_and_leaves_nothing_pending(api: Api) -> None:
+    api.queue.down = True
+    reply = api.client.post("/api/v1/trades", json=body())
+    assert reply.status_code == 503
+    assert reply.headers["retry-after"] == "7"
+    assert reply.json()["code"] == "SERVICE_UNAVAILABLE"
+    assert api.statuses.items == {}
+
+
+def test_status_store_down_is_503(api: Api) -> None:
+    api.statuses.down = True
+    reply = api.client.post("/api/v1/trades", json=body())
+    assert reply.status_code == 503
+    assert reply.headers["retry-after"] == "7"
+    assert api.client.get("/api/v1/requests/x").status_code == 503
+
+
+def test_unknown_request_is_404(api: Api) -> None:
+    reply = api.client.get("/api/v1/requests/nope")
+    assert reply.status_code == 404
+    assert reply.json()["code"] == "NOT_FOUND"
+    assert api.client.get("/api/v1/requests/" + "x" * 65).status_code == 404
+
+
+def test_terminal_status_shows_reason(api: Api) -> None:
+    rid = api.client.post("/api/v1/trades", json=body()).json()["request_id"]
+    api.statuses.complete(
+        [Outcome(rid, "T1", 1, RequestState.FAILED, ReasonCode.STALE_VERSION, "stale")]
+    )
+    status = api.client.get(f"/api/v1/requests/{rid}").json()
+    assert status["status"] == "FAILED"
+    assert status["reason_code"] == "STALE_VERSION"
+    assert status["failure_reason"] == "stale"
+
+
+def store(
+    api: Api, trade_id: str, version: int, book: str = "B1", maturity: date | None = None
+) -> None:
+    api.trades.apply(
+        [Trade(trade_id, version, "CP-1", book, maturity or TODAY + timedelta(days=1), TODAY)]
+    )
+
+
+def test_trade_versions(api: Api) -> None:
+    store(api, "T1", 1)
+    store(api, "T1", 2)
+    store(api, "T1", 1)  # refused by the store's guard
+    rows = api.client.get("/api/v1/trades/T1").json()
+    assert [r["version"] for r in rows] == [1, 2]
+    assert set(rows[0]) == {
+        "trade_id",
+        "version",
+        "counterparty_id",
+        "book_id",
+        "maturity_date",
+        "created_date",
+        "expired",
+        "created_at",
+        "updated_at",
+    }
+    assert api.client.get("/api/v1/trades/none").status_code == 404
+
+
+def test_list_pages_with_link_header(api: Api) -> None:
+    for tid in ["b", "a", "B", "é"]:
+        store(api, tid, 1)
+    store(api, "a", 2)
+    seen = []
+    url = "/api/v1/trades?limit=2"
+    pages = 0
+    while url:
+        reply = api.client.get(url)
+        assert reply.status_code == 200
+        seen += [(r["trade_id"], r["version"]) for r in reply.json()]
+        link = reply.headers.get("link")
+        url = link.split(";")[0].strip("<>") if link else ""
+        pages += 1
+    assert seen == [("B", 1), ("a", 1), ("a", 2), ("b", 1), ("é", 1)]
+    assert pages == 3
+
+
+def test_list_filters_and_expired_is_never_stale(api: Api) -> None:
+    store(api, "T1", 1, book="B1")
+    store(api, "T2", 1, book="B2", maturity=TODAY - timedelta(days=3))
+    books = api.client.get("/api/v1/trades?book_id=B2").json()
+    assert [r["trade_id"] for r in books] == ["T2"]
+    assert books[0]["expired"] is True
+    assert [r["trade_id"] for r in api.client.get("/api/v1/trades?expired=false").json()] == ["T1"]
+    assert api.client.get("/api/v1/trades?counterparty_id=none").json() == []
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "after=!!", "after=WzEsMl0"])
+def test_list_rejects_bad_paging(api: Api, query: str) -> None:
+    reply = api.client.get(f"/api/v1/trades?{query}")
+    assert reply.status_code in {400, 422}
+    assert reply.json()["field"] in {"limit", "after"}
+
+
+def test_health(api: Api) -> None:
+    assert api.client.get("/api/v1/health").json() == {
+        "status": "ok",
+        "db": "ok",
+        "kafka": "ok",
+        "status_store": "ok",
+    }
+    api.trades.down = True
+    reply = api.client.get("/api/v1/health")
+    assert reply.status_code == 503
+    assert reply.json()["status"] == "degraded"
+    assert reply.json()["db"] == "unavailable"
+
+
+def test_openapi_documents_every_route(api: Api) -> None:
+    paths = api.client.get("/openapi.json").json()["paths"]
+    assert set(paths) == {
+        "/api/v1/trades",
+        "/api/v1/trades/{trade_id}",
+        "/api/v1/requests/{request_id}",
+        "/api/v1/health",
+    }
+
+
+def test_method_not_allowed_is_problem(api: Api) -> None:
+    reply = api.client.delete("/api/v1/trades")
+    assert reply.status_code == 405
+    assert reply.json()["code"] == "METHOD_NOT_ALLOWED"

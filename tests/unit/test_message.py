@@ -1,0 +1,104 @@
+"""The queue's wire format: round trips, and every way a message can be unusable."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, date, datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from domain.message import TradeMessage, UndecodableMessage, decode, encode, valid_id
+from domain.trade import Trade
+
+ids = st.text(
+    alphabet=st.characters(codec="utf-8", categories=["L", "N", "P", "S"]), min_size=1, max_size=64
+)
+
+
+def message(**trade_fields: object) -> TradeMessage:
+    fields: dict[str, object] = {
+        "trade_id": "T1",
+        "version": 1,
+        "counterparty_id": "CP-1",
+        "book_id": "B1",
+        "maturity_date": date(2030, 1, 1),
+        "created_date": date(2026, 11, 28),
+    }
+    fields.update(trade_fields)
+    return TradeMessage(
+        request_id="r-1",
+        correlation_id="c-1",
+        accepted_on=date(2026, 11, 28),
+        accepted_at=datetime(2026, 11, 28, 12, 0, tzinfo=UTC),
+        trade=Trade(**fields),  # type: ignore[arg-type]
+    )
+
+
+@given(trade_id=ids, version=st.integers(1, 2**31 - 1), book=ids)
+def test_round_trip(trade_id: str, version: int, book: str) -> None:
+    original = message(
+        trade_id=trade_id.strip() or "x", version=version, book_id=book.strip() or "b"
+    )
+    assert decode(encode(original)) == original
+
+
+def mutate(path: list[str], value: object, delete: bool = False) -> bytes:
+    obj = json.loads(encode(message()))
+    target = obj
+    for key in path[:-1]:
+        target = target[key]
+    if delete:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return json.dumps(obj).encode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason", "request_id"),
+    [
+        (b"\xff\xfe", "value is not JSON", "hint"),
+        (b"not json", "value is not JSON", "hint"),
+        (None, "value is not a JSON object", "hint"),
+        (b"[1, 2]", "value is not a JSON object", "hint"),
+        (mutate(["schema_version"], 99), "unsupported schema_version 99", "r-1"),
+        (mutate(["request_id"], ""), "invalid 'request_id'", None),
+        (mutate(["trade"], "x"), "'trade' is not an object", "r-1"),
+        (mutate(["trade", "version"], 1.5), "invalid 'version'", "r-1"),
+        (mutate(["trade", "version"], True), "invalid 'version'", "r-1"),
+        (mutate(["trade", "version"], 0), "invalid 'version'", "r-1"),
+        (mutate(["trade", "trade_id"], " T1"), "invalid 'trade_id'", "r-1"),
+        (mutate(["trade", "book_id"], "x" * 65), "invalid 'book_id'", "r-1"),
+        (
+            mutate(["trade", "maturity_date"], "2030-13-01"),
+            "invalid date in 'maturity_date'",
+            "r-1",
+        ),
+        (mutate(["trade", "counterparty_id"], None, delete=True), "missing field", "r-1"),
+        (mutate(["accepted_at"], "yesterday"), "invalid 'accepted_at'", "r-1"),
+    ],
+)
+def test_undecodable(raw: bytes | None, reason: str, request_id: str | None) -> None:
+    hint = "hint" if request_id == "hint" else None
+    with pytest.raises(UndecodableMessage) as caught:
+        decode(raw, hint)
+    assert reason in caught.value.reason
+    if request_id == "r-1":
+        assert caught.value.request_id == "r-1"
+
+
+def test_mismatched_header_and_body_request_id_uses_body() -> None:
+    assert decode(encode(message()), "other").request_id == "r-1"
+
+
+def test_body_without_request_id_is_refused_with_header_hint() -> None:
+    with pytest.raises(UndecodableMessage) as caught:
+        decode(mutate(["request_id"], None, delete=True), "from-header")
+    assert caught.value.request_id == "from-header"
+
+
+@pytest.mark.parametrize("value", ["", " x", "x ", "a\nb", "x" * 65, 5, None])
+def test_invalid_ids(value: object) -> None:
+    assert not valid_id(value)
