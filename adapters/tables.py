@@ -17,11 +17,17 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
-# trade_id uses the "C" collation so ordering is by bytes, the same in every store.
+
+def byte_ordered_id() -> String:
+    """An id compared byte by byte: "C" collation on PostgreSQL, SQLite's default BINARY."""
+    return String(64).with_variant(String(64, collation="C"), "postgresql")
+
+
+# trade_id is byte-ordered so every store lists trades in the same order.
 trades = Table(
     "trades",
     metadata,
-    Column("trade_id", String(64, collation="C"), primary_key=True),
+    Column("trade_id", byte_ordered_id(), primary_key=True),
     Column("version", Integer, primary_key=True),
     Column("counterparty_id", String(64), nullable=False),
     Column("book_id", String(64), nullable=False),
@@ -37,7 +43,7 @@ trades = Table(
 request_outcomes = Table(
     "request_outcomes",
     metadata,
-    Column("request_id", String(64, collation="C"), primary_key=True),
+    Column("request_id", byte_ordered_id(), primary_key=True),
     Column("trade_id", String(64), nullable=False),
     Column("version", Integer, nullable=False),
     Column("state", String(16), nullable=False),

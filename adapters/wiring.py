@@ -1,24 +1,30 @@
-"""Builds each role's adapter from Settings; the one place that picks implementations."""
+"""Builds each role's adapter from Settings: the one place that picks implementations.
+
+The profile decides: "embedded" → SQLite files under data_dir; "services" → PostgreSQL,
+Kafka and DynamoDB. Everything else in the codebase is the same for both.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from adapters.dynamodb import DynamoStatusStore, make_client
 from adapters.kafka import KafkaTradeQueue, ensure_topics
-from adapters.postgres import PostgresTradeStore, make_engine
+from adapters.sql import SqlTradeStore, make_engine
+from adapters.sqlite import SqliteInboundLog, SqliteStatusStore, SqliteTradeQueue
 from config.settings import Settings
 from domain.ports import StatusStore, TradeQueue, TradeStore
 
 
-def trade_store(settings: Settings) -> PostgresTradeStore:
-    return PostgresTradeStore(
-        make_engine(settings.database_url.get_secret_value(), settings.db_pool_size)
-    )
+def trade_store(settings: Settings) -> SqlTradeStore:
+    return SqlTradeStore(make_engine(settings.trade_store_url, settings.db_pool_size))
 
 
-def status_store(settings: Settings) -> DynamoStatusStore:
+def status_store(settings: Settings) -> SqliteStatusStore | DynamoStatusStore:
+    if settings.embedded:
+        return SqliteStatusStore(settings.data_dir / "status.db", settings.status_ttl_days)
     return DynamoStatusStore(
         make_client(settings.dynamodb_endpoint_url, settings.aws_region),
         settings.status_table,
@@ -26,7 +32,17 @@ def status_store(settings: Settings) -> DynamoStatusStore:
     )
 
 
-def trade_queue(settings: Settings) -> KafkaTradeQueue:
+def inbound_log_path(settings: Settings) -> Path:
+    return settings.data_dir / "inbound.db"
+
+
+def inbound_log(settings: Settings) -> SqliteInboundLog:
+    return SqliteInboundLog(inbound_log_path(settings), settings.inbound_partitions)
+
+
+def trade_queue(settings: Settings) -> SqliteTradeQueue | KafkaTradeQueue:
+    if settings.embedded:
+        return SqliteTradeQueue(inbound_log(settings))
     return KafkaTradeQueue(
         settings.kafka_bootstrap_servers,
         settings.inbound_topic,
@@ -36,12 +52,26 @@ def trade_queue(settings: Settings) -> KafkaTradeQueue:
 
 
 def create_topics(settings: Settings) -> list[str]:
-    """Create trades-inbound and trades-dlq when missing; return the names created."""
+    """Create the inbound queue and dead letters if missing; return what was created."""
+    if settings.embedded:
+        inbound_log(settings).ensure_schema()
+        return []
     return ensure_topics(
         settings.kafka_bootstrap_servers,
         {settings.inbound_topic: settings.inbound_partitions, settings.dlq_topic: 1},
         settings.replication_factor,
     )
+
+
+def prepare_status_store(settings: Settings) -> str:
+    """Create the status table (DynamoDB, TTL on) or schema (SQLite); return its name."""
+    store = status_store(settings)
+    if isinstance(store, SqliteStatusStore):
+        store.ensure_schema()
+        store.close()
+        return str(settings.data_dir / "status.db")
+    store.ensure_table()
+    return settings.status_table
 
 
 @dataclass
@@ -60,4 +90,8 @@ class Services:
 
 def api_services(settings: Settings) -> Services:
     queue = trade_queue(settings)
-    return Services(trade_store(settings), status_store(settings), queue, [queue.close])
+    statuses = status_store(settings)
+    closers = [queue.close]
+    if isinstance(statuses, SqliteStatusStore):
+        closers.append(statuses.close)
+    return Services(trade_store(settings), statuses, queue, closers)

@@ -1,4 +1,4 @@
-"""The processing service: the trade dataflow on real services, plus the expiry sweep.
+"""The processing service: the trade dataflow for the configured profile, and the expiry sweep.
 
 ``python -m bytewax.run "cli.processor:flow()"`` runs the same dataflow under Bytewax's own
 runner (pass -r/-s/-b for recovery yourself); ``trade-store process`` does it for you.
@@ -6,12 +6,18 @@ runner (pass -r/-s/-b for recovery yourself); ``trade-store process`` does it fo
 
 from __future__ import annotations
 
+import signal
 import threading
 from datetime import date, timedelta
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import structlog
-from bytewax.dataflow import Dataflow
+from bytewax import operators as op
+from bytewax.dataflow import Dataflow, Stream
+from bytewax.errors import BytewaxRuntimeError
+from bytewax.outputs import Sink
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
 
@@ -20,22 +26,36 @@ from config.clock import business_today
 from config.settings import Settings, get_settings
 from dataflows.trades import build_flow
 from domain.ports import TradeStore, Unavailable
-from sinks.dead_letter import KafkaDeadLetterSink
+from sinks.dead_letter import DeadLetter, KafkaDeadLetterSink, SqliteDeadLetterSink
 from sources.kafka import kafka_inbound
+from sources.sqlite_log import SqliteLogSource
 
 log = structlog.get_logger("processor")
 
 
 def flow(settings: Settings | None = None) -> Dataflow:
-    """The trade dataflow wired to Kafka, PostgreSQL and DynamoDB."""
-    settings = settings or get_settings()
+    """The trade dataflow wired for the configured profile."""
+    cfg = settings or get_settings()
+    log_path = wiring.inbound_log_path(cfg)
+
+    def inbound(f: Dataflow) -> Stream[Any]:
+        if cfg.embedded:
+            source = SqliteLogSource(log_path, cfg.inbound_partitions, cfg.source_batch_size)
+            return op.input("inbound-log", f, source)
+        return kafka_inbound(
+            f, cfg.kafka_bootstrap_servers, cfg.inbound_topic, cfg.source_batch_size
+        )
+
+    dead_letters: Sink[DeadLetter] = (
+        SqliteDeadLetterSink(log_path)
+        if cfg.embedded
+        else KafkaDeadLetterSink(cfg.kafka_bootstrap_servers, cfg.dlq_topic)
+    )
     return build_flow(
-        inbound=lambda f: kafka_inbound(
-            f, settings.kafka_bootstrap_servers, settings.inbound_topic
-        ),
-        trades=lambda: wiring.trade_store(settings),
-        statuses=lambda: wiring.status_store(settings),
-        dead_letters=KafkaDeadLetterSink(settings.kafka_bootstrap_servers, settings.dlq_topic),
+        inbound=inbound,
+        trades=lambda: wiring.trade_store(cfg),
+        statuses=lambda: wiring.status_store(cfg),
+        dead_letters=dead_letters,
     )
 
 
@@ -90,21 +110,43 @@ def run(
     created = wiring.create_topics(settings)
     if created:
         log.info("topics created", topics=created)
-    ensure_recovery_dir(settings.recovery_dir, settings.recovery_partitions)
+    ensure_recovery_dir(settings.recovery_path, settings.recovery_partitions)
     sweeper = ExpirySweeper(
         wiring.trade_store(settings), settings.business_timezone, settings.expiry_check_seconds
     )
     sweeper.start()
-    log.info("processor started", workers=workers, topic=settings.inbound_topic)
+    log.info("processor started", profile=settings.profile, workers=workers)
     try:
-        cli_main(
+        _run_until_signalled(
             flow(settings),
             workers_per_process=workers,
             process_id=process_id,
             addresses=addresses,
             epoch_interval=timedelta(seconds=settings.snapshot_interval_seconds),
-            recovery_config=RecoveryConfig(settings.recovery_dir),
+            recovery_config=RecoveryConfig(settings.recovery_path),
         )
     finally:
         sweeper.stop()
         log.info("processor stopped")
+
+
+def _interrupted(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt) or "signal received" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _run_until_signalled(flow: Dataflow, **kwargs: Any) -> None:
+    """SIGINT or SIGTERM is the normal way to stop; Bytewax reports it as an error."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        cli_main(flow, **kwargs)
+    except (BytewaxRuntimeError, KeyboardInterrupt) as exc:
+        if not _interrupted(exc):
+            raise

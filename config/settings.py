@@ -17,6 +17,11 @@ class Settings(BaseSettings):
         env_prefix="TRADE_STORE_", env_file=".env", extra="ignore", frozen=True
     )
 
+    # Deployment shape: "embedded" keeps everything in SQLite files under data_dir;
+    # "services" uses Kafka, PostgreSQL and DynamoDB.
+    profile: Literal["embedded", "services"] = "embedded"
+    data_dir: Path = Path("data")
+
     # HTTP API
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
@@ -47,15 +52,31 @@ class Settings(BaseSettings):
     status_ttl_days: int = Field(default=7, ge=1)
 
     # Bytewax processor
-    recovery_dir: Path = Path("data/recovery")
+    recovery_dir: Path | None = None  # default: <data_dir>/recovery
     recovery_partitions: int = Field(default=1, ge=1)
     snapshot_interval_seconds: float = Field(default=2.0, gt=0)
     processor_workers: int = Field(default=1, ge=1)
+    source_batch_size: int = Field(default=1000, ge=1)
     expiry_check_seconds: float = Field(default=30.0, gt=0)
 
     # Logging
     log_level: str = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
+
+    @property
+    def embedded(self) -> bool:
+        return self.profile == "embedded"
+
+    @property
+    def trade_store_url(self) -> str:
+        """PostgreSQL in the services profile, a SQLite file under data_dir when embedded."""
+        if self.embedded:
+            return f"sqlite:///{self.data_dir / 'trades.db'}"
+        return self.database_url.get_secret_value()
+
+    @property
+    def recovery_path(self) -> Path:
+        return self.recovery_dir or self.data_dir / "recovery"
 
 
 @lru_cache(maxsize=1)

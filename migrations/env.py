@@ -9,7 +9,7 @@ from adapters.tables import metadata
 from config.settings import get_settings
 
 config = context.config
-url = config.get_main_option("sqlalchemy.url") or get_settings().database_url.get_secret_value()
+url = config.get_main_option("sqlalchemy.url") or get_settings().trade_store_url
 
 
 def run_migrations_offline() -> None:

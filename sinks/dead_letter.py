@@ -1,14 +1,19 @@
-"""The dead-letter sink: messages the dataflow cannot decode, kept with the reason."""
+"""Dead-letter sinks: messages the dataflow cannot decode, kept with the reason.
+
+The Kafka topic in the services profile, a table of the log file when embedded.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import KafkaError, Message, Producer
 
 from adapters.kafka import producer_config
+from adapters.sqlite import encode_headers, write_dead_letters
 from domain.ports import Unavailable
 from sinks.retry import until_available
 
@@ -82,3 +87,24 @@ class KafkaDeadLetterSink(DynamicSink[DeadLetter]):
     ) -> _KafkaDeadLetterPartition:
         producer = Producer(producer_config(self._brokers, self._timeout_ms, linger_ms=5))
         return _KafkaDeadLetterPartition(producer, self._topic)
+
+
+class _SqliteDeadLetterPartition(StatelessSinkPartition[DeadLetter]):
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def write_batch(self, items: list[DeadLetter]) -> None:
+        rows = [(d.reason, d.key, d.value, encode_headers(d.kafka_headers())) for d in items]
+        until_available(lambda: write_dead_letters(self._path, rows), "dead letters")
+
+
+class SqliteDeadLetterSink(DynamicSink[DeadLetter]):
+    """Stores dead letters in the embedded log file's dead_letters table; at-least-once."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def build(
+        self, step_id: str, worker_index: int, worker_count: int
+    ) -> _SqliteDeadLetterPartition:
+        return _SqliteDeadLetterPartition(self._path)

@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from adapters import wiring
 from adapters.dynamodb import DynamoStatusStore
-from adapters.postgres import PostgresTradeStore, make_engine
+from adapters.sql import SqlTradeStore, make_engine
 from config.settings import Settings
 
 TEST_DATABASE_URL = os.environ.get(
@@ -33,6 +33,7 @@ def service_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
     run = uuid.uuid4().hex[:8]
     return Settings(
+        profile="services",
         database_url=TEST_DATABASE_URL,  # type: ignore[arg-type]
         kafka_bootstrap_servers=os.environ.get(
             "TRADE_STORE_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"
@@ -80,7 +81,7 @@ def migrated(service_settings: Settings) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def trade_store(migrated: Settings) -> PostgresTradeStore:
+def trade_store(migrated: Settings) -> SqlTradeStore:
     return wiring.trade_store(migrated)
 
 

@@ -16,7 +16,7 @@ depends_on = None
 # Invariant 7: whatever the client, a version below the highest stored for its trade_id is
 # skipped (the row is not written), and a row's key never changes. The advisory lock
 # serialises concurrent writers of one trade_id so the check cannot race.
-GUARD = """
+PG_GUARD = """
 CREATE FUNCTION trades_guard_version() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'UPDATE' THEN
@@ -39,11 +39,34 @@ CREATE TRIGGER trades_guard_version
     FOR EACH ROW EXECUTE FUNCTION trades_guard_version();
 """
 
+# SQLite has one writer at a time, so the check needs no lock; RAISE(IGNORE) skips the row.
+SQLITE_GUARD = [
+    """
+    CREATE TRIGGER trades_guard_version BEFORE INSERT ON trades
+    BEGIN
+        SELECT RAISE(IGNORE) WHERE EXISTS (
+            SELECT 1 FROM trades WHERE trade_id = NEW.trade_id AND version > NEW.version
+        );
+    END
+    """,
+    """
+    CREATE TRIGGER trades_immutable_key BEFORE UPDATE OF trade_id, version ON trades
+    WHEN NEW.trade_id <> OLD.trade_id OR NEW.version <> OLD.version
+    BEGIN
+        SELECT RAISE(ABORT, 'trades: trade_id and version are immutable');
+    END
+    """,
+]
+
+
+def byte_ordered_id() -> sa.types.TypeEngine[str]:
+    return sa.String(64).with_variant(sa.String(64, collation="C"), "postgresql")
+
 
 def upgrade() -> None:
     op.create_table(
         "trades",
-        sa.Column("trade_id", sa.String(64, collation="C"), primary_key=True),
+        sa.Column("trade_id", byte_ordered_id(), primary_key=True),
         sa.Column("version", sa.Integer, primary_key=True),
         sa.Column("counterparty_id", sa.String(64), nullable=False),
         sa.Column("book_id", sa.String(64), nullable=False),
@@ -65,11 +88,16 @@ def upgrade() -> None:
         "trades",
         ["maturity_date"],
         postgresql_where=sa.text("NOT expired"),
+        sqlite_where=sa.text("NOT expired"),
     )
-    op.execute(GUARD)
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(PG_GUARD)
+    else:
+        for statement in SQLITE_GUARD:
+            op.execute(statement)
     op.create_table(
         "request_outcomes",
-        sa.Column("request_id", sa.String(64, collation="C"), primary_key=True),
+        sa.Column("request_id", byte_ordered_id(), primary_key=True),
         sa.Column("trade_id", sa.String(64), nullable=False),
         sa.Column("version", sa.Integer, nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
@@ -82,7 +110,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DROP TRIGGER IF EXISTS trades_guard_version ON trades")
-    op.execute("DROP FUNCTION IF EXISTS trades_guard_version()")
     op.drop_table("request_outcomes")
     op.drop_table("trades")
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("DROP FUNCTION IF EXISTS trades_guard_version()")

@@ -6,6 +6,7 @@ request to its final status over HTTP and checks the store through the API.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -31,19 +32,27 @@ class Stack:
     settings: Settings
 
 
-@pytest.fixture(scope="module")
-def stack(migrated: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    settings = migrated.model_copy(
-        update={
-            "inbound_topic": unique("e2e-inbound"),
-            "dlq_topic": unique("e2e-dlq"),
-            "recovery_dir": Path(tmp_path_factory.mktemp("e2e-recovery")),
-            "port": free_port(),
-        }
-    )
-    env = settings_env(settings)
-    api = start("e2e-api", ["serve"], env)
-    processor = start("e2e-processor", ["process"], env)
+@pytest.fixture(scope="module", params=["embedded", "services"])
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """The embedded profile via `trade-store dev`; services as two separate processes."""
+    port = free_port()
+    if request.param == "embedded":
+        settings = Settings(profile="embedded", data_dir=tmp_path_factory.mktemp("data"), port=port)
+        processes = [start("e2e-dev", ["dev"], settings_env(settings))]
+    else:
+        migrated: Settings = request.getfixturevalue("migrated")
+        settings = migrated.model_copy(
+            update={
+                "inbound_topic": unique("e2e-inbound"),
+                "dlq_topic": unique("e2e-dlq"),
+                "recovery_dir": Path(tmp_path_factory.mktemp("e2e-recovery")),
+                "port": port,
+            }
+        )
+        env = settings_env(settings)
+        processes = [start("e2e-api", ["serve"], env), start("e2e-processor", ["process"], env)]
     client = httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=10)
 
     def healthy() -> bool:
@@ -57,8 +66,8 @@ def stack(migrated: Settings, tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield Stack(client, settings)
     finally:
         client.close()
-        stop(api)
-        stop(processor)
+        for process in processes:
+            assert stop(process, signal.SIGINT) == 0
 
 
 def submit(

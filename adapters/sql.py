@@ -1,10 +1,14 @@
-"""The PostgreSQL trade store (SQLAlchemy 2 core over psycopg 3)."""
+"""The trade store in SQL (SQLAlchemy 2 core): PostgreSQL over psycopg 3, or a SQLite file.
+
+One implementation serves both profiles; the dialects differ only in the upsert construct
+and in how the migration writes the version guard.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import date
+from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -14,6 +18,7 @@ from sqlalchemy import (
     Row,
     and_,
     create_engine,
+    event,
     func,
     or_,
     select,
@@ -21,7 +26,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from adapters.tables import request_outcomes, trades
@@ -34,7 +39,11 @@ T = TypeVar("T")
 
 
 def make_engine(url: str, pool_size: int = 10) -> Engine:
-    """An engine with a pre-pinged pool, so a restarted database is reconnected quietly."""
+    """A pooled engine: pre-pinged for PostgreSQL, WAL with a busy timeout for SQLite."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
     return create_engine(
         url,
         pool_size=pool_size,
@@ -43,6 +52,19 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
         pool_recycle=1800,
         connect_args={"connect_timeout": 5},
     )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def as_utc(moment: datetime) -> datetime:
+    """SQLite hands timestamps back naive; every timestamp we write is UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def expired_expr(as_of: date) -> ColumnElement[bool]:
@@ -60,9 +82,9 @@ def _stored(row: Row[Any]) -> StoredTrade:
             maturity_date=row.maturity_date,
             created_date=row.created_date,
         ),
-        expired=row.is_expired,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
+        expired=bool(row.is_expired),
+        created_at=as_utc(row.created_at),
+        updated_at=as_utc(row.updated_at),
     )
 
 
@@ -76,8 +98,8 @@ def dedupe_last(trades_in: Sequence[Trade]) -> list[Trade]:
     return [last[key] for key in sorted(last)]
 
 
-class PostgresTradeStore:
-    """Trade store on PostgreSQL; the version guard is a trigger (see migrations)."""
+class SqlTradeStore:
+    """The trade store; the version guard is a trigger in the database (see migrations)."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -106,7 +128,7 @@ class PostgresTradeStore:
             .where(trades.c.trade_id.in_(list(trade_ids)))
             .group_by(trades.c.trade_id)
         )
-        return self._run(lambda conn: dict(conn.execute(query).tuples().all()))
+        return self._run(lambda conn: {tid: v for tid, v in conn.execute(query)})  # noqa: C416
 
     def apply(self, trades_in: Sequence[Trade]) -> set[tuple[str, int]]:
         return self._run(lambda conn: _upsert(conn, trades_in))
@@ -156,7 +178,7 @@ class PostgresTradeStore:
         stmt = (
             update(trades)
             .where(~trades.c.expired, trades.c.maturity_date < as_of)
-            .values(expired=True, updated_at=func.now())
+            .values(expired=True, updated_at=datetime.now(UTC))
         )
         return self._run(lambda conn: conn.execute(stmt).rowcount)
 
@@ -166,8 +188,11 @@ class PostgresTradeStore:
 
 def _upsert(conn: Connection, trades_in: Sequence[Trade]) -> set[tuple[str, int]]:
     """One multi-row upsert; the guard trigger silently skips rows below the head."""
+    now = datetime.now(UTC)
     rows = [
         {
+            "created_at": now,
+            "updated_at": now,
             "trade_id": t.trade_id,
             "version": t.version,
             "counterparty_id": t.counterparty_id,
@@ -180,6 +205,7 @@ def _upsert(conn: Connection, trades_in: Sequence[Trade]) -> set[tuple[str, int]
     ]
     if not rows:
         return set()
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     values = insert(trades).values(rows)
     stmt = values.on_conflict_do_update(
         index_elements=[trades.c.trade_id, trades.c.version],
@@ -189,7 +215,7 @@ def _upsert(conn: Connection, trades_in: Sequence[Trade]) -> set[tuple[str, int]
             "maturity_date": values.excluded.maturity_date,
             "created_date": values.excluded.created_date,
             "expired": values.excluded.expired,
-            "updated_at": func.now(),
+            "updated_at": values.excluded.updated_at,
         },
     ).returning(trades.c.trade_id, trades.c.version)
     return {(tid, v) for tid, v in conn.execute(stmt)}
@@ -221,6 +247,7 @@ def _record(conn: Connection, decided: Sequence[Decided]) -> list[Outcome]:
     stored = _upsert(conn, [d.message.trade for d in fresh if d.accepted])
     outcomes = {d.message.request_id: outcome_of(d, stored) for d in fresh}
     if outcomes:
+        insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
         conn.execute(
             insert(request_outcomes)
             .values(
@@ -232,6 +259,7 @@ def _record(conn: Connection, decided: Sequence[Decided]) -> list[Outcome]:
                         "state": o.state.value,
                         "reason_code": o.reason_code.value if o.reason_code else None,
                         "failure_reason": o.failure_reason,
+                        "decided_at": datetime.now(UTC),
                     }
                     for o in outcomes.values()
                 ]

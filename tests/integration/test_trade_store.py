@@ -1,27 +1,50 @@
-"""The PostgreSQL trade store: upserts, the version guard in SQL, paging, expiry."""
+"""The trade store on PostgreSQL and on SQLite: upserts, the version guard, paging, expiry.
+
+Every test runs against both, so the two profiles cannot drift apart.
+"""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from datetime import date, timedelta
 
 import pytest
 from sqlalchemy import text
 
-from adapters.postgres import PostgresTradeStore, make_engine
+from adapters.sql import SqlTradeStore, make_engine
 from config.settings import Settings
 from domain.ports import TradeFilter, Unavailable
 from domain.trade import Trade
-from tests.conftest import unique
+from tests.conftest import settings_env, unique
 
 TODAY = date.today()
+
+
+@pytest.fixture(scope="module", params=["postgres", "sqlite"])
+def store_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A migrated trade store: the services test database, or a fresh SQLite file."""
+    if request.param == "postgres":
+        migrated: Settings = request.getfixturevalue("migrated")
+        return migrated.trade_store_url
+    settings = Settings(profile="embedded", data_dir=tmp_path_factory.mktemp("embedded"))
+    subprocess.run(
+        [sys.executable, "-m", "cli.main", "migrate"], env=settings_env(settings), check=True
+    )
+    return settings.trade_store_url
+
+
+@pytest.fixture(scope="module")
+def trade_store(store_url: str) -> SqlTradeStore:
+    return SqlTradeStore(make_engine(store_url))
 
 
 def trade(tid: str, version: int, cp: str = "CP-1", book: str = "B1", days: int = 10) -> Trade:
     return Trade(tid, version, cp, book, TODAY + timedelta(days=days), TODAY)
 
 
-def test_upsert_versions_and_replace(trade_store: PostgresTradeStore) -> None:
+def test_upsert_versions_and_replace(trade_store: SqlTradeStore) -> None:
     tid = unique("T")
     assert trade_store.apply([trade(tid, 1), trade(tid, 2)]) == {(tid, 1), (tid, 2)}
     first = trade_store.versions(tid, TODAY)
@@ -33,26 +56,28 @@ def test_upsert_versions_and_replace(trade_store: PostgresTradeStore) -> None:
     assert trade_store.highest_versions([tid, "absent"]) == {tid: 2}
 
 
-def test_same_key_twice_in_one_batch_keeps_the_last(trade_store: PostgresTradeStore) -> None:
+def test_same_key_twice_in_one_batch_keeps_the_last(trade_store: SqlTradeStore) -> None:
     tid = unique("T")
     assert trade_store.apply([trade(tid, 1, cp="A"), trade(tid, 1, cp="B")]) == {(tid, 1)}
     assert trade_store.versions(tid, TODAY)[0].trade.counterparty_id == "B"
 
 
-def test_guard_refuses_lower_versions(trade_store: PostgresTradeStore) -> None:
+def test_guard_refuses_lower_versions(trade_store: SqlTradeStore) -> None:
     tid = unique("T")
     trade_store.apply([trade(tid, 3)])
     assert trade_store.apply([trade(tid, 2)]) == set()
     assert [r.trade.version for r in trade_store.versions(tid, TODAY)] == [3]
 
 
-def test_guard_holds_for_any_client(migrated: Settings) -> None:
+def test_guard_holds_for_any_client(store_url: str) -> None:
     """Invariant 7 lives in the database: raw SQL can neither insert below nor re-key a row."""
-    engine = make_engine(migrated.database_url.get_secret_value())
+    engine = make_engine(store_url)
     tid = unique("T")
     insert = text(
         "INSERT INTO trades (trade_id, version, counterparty_id, book_id, maturity_date,"
-        " created_date) VALUES (:t, :v, 'CP', 'B', CURRENT_DATE, CURRENT_DATE)"
+        " created_date, created_at, updated_at)"
+        " VALUES (:t, :v, 'CP', 'B', CURRENT_DATE, CURRENT_DATE, CURRENT_TIMESTAMP,"
+        " CURRENT_TIMESTAMP)"
     )
     with engine.begin() as conn:
         conn.execute(insert, {"t": tid, "v": 5})
@@ -64,7 +89,7 @@ def test_guard_holds_for_any_client(migrated: Settings) -> None:
     engine.dispose()
 
 
-def test_concurrent_writers_cannot_store_below_the_head(trade_store: PostgresTradeStore) -> None:
+def test_concurrent_writers_cannot_store_below_the_head(trade_store: SqlTradeStore) -> None:
     """Two threads race v1..v20 of the same trade_ids; the guard keeps the store monotonic."""
     ids = [unique("T") for _ in range(5)]
     errors: list[BaseException] = []
@@ -89,7 +114,7 @@ def test_concurrent_writers_cannot_store_below_the_head(trade_store: PostgresTra
         assert all(v <= 20 for v in versions)
 
 
-def test_page_is_byte_ordered_and_keyset(trade_store: PostgresTradeStore) -> None:
+def test_page_is_byte_ordered_and_keyset(trade_store: SqlTradeStore) -> None:
     book = unique("book")
     ids = ["b", "a", "B", "é", "Z", "aa"]
     trade_store.apply([trade(f"{book}-{i}", 1, book=book) for i in ids])
@@ -105,7 +130,7 @@ def test_page_is_byte_ordered_and_keyset(trade_store: PostgresTradeStore) -> Non
     assert seen == sorted((f"{book}-{i}" for i in ids), key=str.encode)
 
 
-def test_filters_and_expiry(trade_store: PostgresTradeStore) -> None:
+def test_filters_and_expiry(trade_store: SqlTradeStore) -> None:
     book, cp = unique("book"), unique("cp")
     live, old = unique("T"), unique("T")
     trade_store.apply([trade(live, 1, cp=cp, book=book), trade(old, 1, book=book, days=-2)])
@@ -126,6 +151,6 @@ def test_filters_and_expiry(trade_store: PostgresTradeStore) -> None:
 
 
 def test_unreachable_database_is_unavailable() -> None:
-    store = PostgresTradeStore(make_engine("postgresql+psycopg://x:y@127.0.0.1:1/none"))
+    store = SqlTradeStore(make_engine("postgresql+psycopg://x:y@127.0.0.1:1/none"))
     with pytest.raises(Unavailable):
         store.ping()

@@ -1,0 +1,374 @@
+"""The embedded profile's SQLite files: the request-status store and the inbound log.
+
+Writes that acknowledge a client go through a group-commit writer: one thread owns the
+write connection and commits everything waiting in one transaction, so each request is
+durably committed (synchronous=FULL) without paying one fsync per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import sqlite3
+import threading
+import zlib
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from config.clock import utc_now
+from domain.message import TradeMessage, encode
+from domain.ports import Unavailable
+from domain.status import Outcome, RequestState, RequestStatus
+from domain.trade import ReasonCode
+
+Params = tuple[Any, ...]
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection in WAL mode (readers never block the writer), fully synchronous."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+class GroupCommitWriter:
+    """Runs one statement for many callers, committing whatever is queued in one transaction."""
+
+    def __init__(self, path: Path, sql: str, max_batch: int = 1000) -> None:
+        self._path = path
+        self._sql = sql
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue[tuple[Params, Future[None]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"commit-{path.name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, params: Params) -> Future[None]:
+        done: Future[None] = Future()
+        self._queue.put((params, done))
+        return done
+
+    def _run(self) -> None:
+        conn = connect(self._path)
+        while True:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self._max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                batch.append(nxt)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany(self._sql, [params for params, _ in batch])
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                for _, done in batch:
+                    done.set_exception(Unavailable(f"sqlite {self._path.name}: {exc}"))
+                continue
+            for _, done in batch:
+                done.set_result(None)
+        conn.close()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+
+STATUS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS request_status (
+    request_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    trade_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    reason_code TEXT,
+    failure_reason TEXT,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS request_status_expires ON request_status (expires_at);
+"""
+
+PUT_PENDING = """
+INSERT INTO request_status (request_id, status, trade_id, version, created_at, updated_at,
+                            expires_at)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (request_id) DO NOTHING
+"""
+
+# Terminal is final: only a missing or PENDING record takes an outcome.
+COMPLETE = """
+INSERT INTO request_status (request_id, status, trade_id, version, created_at, updated_at,
+                            reason_code, failure_reason, expires_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (request_id) DO UPDATE SET
+    status = excluded.status, updated_at = excluded.updated_at,
+    reason_code = excluded.reason_code, failure_reason = excluded.failure_reason,
+    expires_at = excluded.expires_at
+WHERE request_status.status = 'PENDING'
+"""
+
+
+class SqliteStatusStore:
+    """Request statuses in a SQLite file, with the same contract as the DynamoDB store."""
+
+    def __init__(self, path: Path, ttl_days: int) -> None:
+        self._path = path
+        self._ttl = timedelta(days=ttl_days)
+        self._local = threading.local()
+        self._pending = GroupCommitWriter(path, PUT_PENDING)
+
+    def ensure_schema(self) -> None:
+        self._conn().executescript(STATUS_SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = connect(self._path)
+        return conn
+
+    def _expires(self, moment: datetime) -> int:
+        return int((moment + self._ttl).timestamp())
+
+    def put_pending(self, status: RequestStatus) -> None:
+        at = status.created_at
+        self._pending.submit(
+            (
+                status.request_id,
+                status.state.value,
+                status.trade_id,
+                status.version,
+                at.isoformat(),
+                status.updated_at.isoformat(),
+                self._expires(at),
+            )
+        ).result(timeout=30)
+
+    def complete(self, outcomes: Sequence[Outcome]) -> None:
+        now = utc_now()
+        rows = [
+            (
+                o.request_id,
+                o.state.value,
+                o.trade_id,
+                o.version,
+                now.isoformat(),
+                now.isoformat(),
+                o.reason_code.value if o.reason_code else None,
+                o.failure_reason,
+                self._expires(now),
+            )
+            for o in outcomes
+        ]
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(COMPLETE, rows)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise Unavailable(f"status store: {exc}") from exc
+
+    def get(self, request_id: str) -> RequestStatus | None:
+        try:
+            row = (
+                self._conn()
+                .execute(
+                    "SELECT request_id, status, trade_id, version, created_at, updated_at,"
+                    " reason_code, failure_reason FROM request_status"
+                    " WHERE request_id = ? AND expires_at >= ?",
+                    (request_id, int(utc_now().timestamp())),
+                )
+                .fetchone()
+            )
+        except sqlite3.Error as exc:
+            raise Unavailable(f"status store: {exc}") from exc
+        if row is None:
+            return None
+        return RequestStatus(
+            request_id=row[0],
+            state=RequestState(row[1]),
+            trade_id=row[2],
+            version=row[3],
+            created_at=datetime.fromisoformat(row[4]),
+            updated_at=datetime.fromisoformat(row[5]),
+            reason_code=ReasonCode(row[6]) if row[6] else None,
+            failure_reason=row[7],
+        )
+
+    def ping(self) -> None:
+        try:
+            self._conn().execute("SELECT 1 FROM request_status LIMIT 1")
+        except sqlite3.Error as exc:
+            raise Unavailable(f"status store: {exc}") from exc
+
+    def close(self) -> None:
+        self._pending.close()
+
+
+LOG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS inbound_log (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    partition INTEGER NOT NULL,
+    key BLOB,
+    value BLOB,
+    headers TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS inbound_log_partition_seq ON inbound_log (partition, seq);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    reason TEXT NOT NULL,
+    key BLOB,
+    value BLOB,
+    headers TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+"""
+
+APPEND = "INSERT INTO inbound_log (partition, key, value, headers) VALUES (?, ?, ?, ?)"
+DEAD_LETTER = (
+    "INSERT INTO dead_letters (reason, key, value, headers, created_at) VALUES (?, ?, ?, ?, ?)"
+)
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """Stable across processes and restarts (unlike hash()), so a trade keeps its partition."""
+    return zlib.crc32(key.encode()) % partitions
+
+
+def encode_headers(headers: Iterable[tuple[str, bytes | str | None]]) -> str:
+    return json.dumps(
+        [[k, v.decode() if isinstance(v, bytes) else v] for k, v in headers], separators=(",", ":")
+    )
+
+
+def decode_headers(raw: str) -> list[tuple[str, bytes]]:
+    return [(k, (v or "").encode()) for k, v in json.loads(raw)]
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    """One entry of the inbound log, shaped like a Kafka message for the dataflow."""
+
+    seq: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+class SqliteInboundLog:
+    """A durable, partitioned, append-only log in one SQLite file: the embedded Kafka.
+
+    Partition = crc32(trade_id) mod N, so one trade's messages keep their order; ``seq`` is
+    a global, strictly increasing position that readers snapshot to resume.
+    """
+
+    def __init__(self, path: Path, partitions: int) -> None:
+        self.path = path
+        self.partitions = partitions
+        self._appender: GroupCommitWriter | None = None
+
+    def ensure_schema(self) -> None:
+        conn = connect(self.path)
+        conn.executescript(LOG_SCHEMA)
+        conn.close()
+
+    def _row(self, message: TradeMessage) -> Params:
+        key = message.trade.trade_id
+        headers = [("request_id", message.request_id), ("correlation_id", message.correlation_id)]
+        return (
+            partition_of(key, self.partitions),
+            key.encode(),
+            encode(message),
+            encode_headers(headers),
+        )
+
+    def append(self, message: TradeMessage) -> Future[None]:
+        """Queue one message for the next group commit; the future resolves once durable."""
+        if self._appender is None:
+            self._appender = GroupCommitWriter(self.path, APPEND)
+        return self._appender.submit(self._row(message))
+
+    def append_many(self, messages: Iterable[TradeMessage]) -> int:
+        """Bulk load in one transaction (backfills, benchmarks); returns the count."""
+        rows = [self._row(m) for m in messages]
+        conn = connect(self.path)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(APPEND, rows)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        return len(rows)
+
+    def close(self) -> None:
+        if self._appender is not None:
+            self._appender.close()
+
+
+def read_partition(
+    conn: sqlite3.Connection, partition: int, after_seq: int, limit: int
+) -> list[LogRecord]:
+    """The next records of one partition after ``after_seq``, in order."""
+    rows = conn.execute(
+        "SELECT seq, key, value, headers FROM inbound_log"
+        " WHERE partition = ? AND seq > ? ORDER BY seq LIMIT ?",
+        (partition, after_seq, limit),
+    ).fetchall()
+    return [
+        LogRecord(seq, key, value, decode_headers(headers)) for seq, key, value, headers in rows
+    ]
+
+
+def write_dead_letters(
+    path: Path, letters: Sequence[tuple[str, bytes | None, bytes | None, str]]
+) -> None:
+    """Store (reason, key, value, headers-json) rows in the log file's dead_letters table."""
+    conn = connect(path)
+    try:
+        now = utc_now().isoformat()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(DEAD_LETTER, [(*letter, now) for letter in letters])
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise Unavailable(f"dead letters: {exc}") from exc
+    finally:
+        conn.close()
+
+
+class SqliteTradeQueue:
+    """The embedded queue: publish returns once the message is committed to the log."""
+
+    def __init__(self, log: SqliteInboundLog) -> None:
+        self._log = log
+
+    async def publish(self, message: TradeMessage) -> None:
+        await asyncio.wrap_future(self._log.append(message))
+
+    def ping(self) -> None:
+        try:
+            conn = connect(self._log.path)
+            conn.execute("SELECT 1 FROM inbound_log LIMIT 1")
+            conn.close()
+        except sqlite3.Error as exc:
+            raise Unavailable(f"inbound log: {exc}") from exc
+
+    def close(self) -> None:
+        self._log.close()

@@ -1,0 +1,147 @@
+"""The embedded profile's own parts: the SQLite inbound log and a processor restart on it."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from adapters import wiring
+from adapters.sqlite import SqliteInboundLog, connect, partition_of, read_partition
+from config.settings import Settings
+from domain.message import TradeMessage, decode
+from domain.status import RequestState
+from domain.trade import Trade
+from tests.conftest import settings_env, unique
+from tests.support import start, stop, wait_for
+
+TODAY = date.today()
+
+
+def message(trade_id: str, version: int) -> TradeMessage:
+    return TradeMessage(
+        request_id=str(uuid.uuid4()),
+        correlation_id="corr",
+        accepted_on=TODAY,
+        accepted_at=datetime.now(UTC),
+        trade=Trade(trade_id, version, "CP", "B", TODAY + timedelta(days=5), TODAY),
+    )
+
+
+@pytest.fixture
+def embedded(tmp_path: Path) -> Settings:
+    settings = Settings(
+        profile="embedded", data_dir=tmp_path / "data", inbound_partitions=4, source_batch_size=50
+    )
+    subprocess.run(
+        [sys.executable, "-m", "cli.main", "migrate"], env=settings_env(settings), check=True
+    )
+    wiring.create_topics(settings)
+    return settings
+
+
+def test_log_keeps_per_partition_order_and_survives_reopen(embedded: Settings) -> None:
+    log = wiring.inbound_log(embedded)
+    sent = [message(f"T{i % 7}", i + 1) for i in range(50)]
+
+    async def publish() -> None:
+        queue = wiring.trade_queue(embedded)
+        await asyncio.gather(*(queue.publish(m) for m in sent))
+        queue.close()
+
+    asyncio.run(publish())
+    reader = connect(log.path)
+    got = [r for p in range(log.partitions) for r in read_partition(reader, p, 0, 1000)]
+    assert len(got) == 50
+    for p in range(log.partitions):
+        records = read_partition(reader, p, 0, 1000)
+        assert [r.seq for r in records] == sorted(r.seq for r in records)
+        for r in records:
+            m = decode(r.value)
+            assert partition_of(m.trade.trade_id, log.partitions) == p
+            assert dict(r.headers)["request_id"] == m.request_id.encode()
+    # Resuming after a seq returns only what follows it.
+    first = read_partition(reader, 0, 0, 2)
+    assert read_partition(reader, 0, first[-1].seq, 1000)[0].seq > first[-1].seq
+    reader.close()
+
+
+def test_bulk_append(embedded: Settings) -> None:
+    log = SqliteInboundLog(embedded.data_dir / "inbound.db", 4)
+    assert log.append_many(message(f"B{i}", 1) for i in range(100)) == 100
+    with sqlite3.connect(log.path) as conn:
+        assert conn.execute("SELECT count(*) FROM inbound_log").fetchone()[0] == 100
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for child in started:
+        stop(child)
+
+
+def test_processor_restart_loses_nothing(
+    embedded: Settings, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """SIGKILL mid-stream, restart on the same files: every request ends as it should."""
+    ids = [unique("T") for _ in range(500)]
+    rounds = [[message(tid, v) for tid in ids] for v in range(1, 6)]
+    rounds.append([message(tid, 2) for tid in ids])  # stale
+    log = wiring.inbound_log(embedded)
+    for r in rounds:
+        log.append_many(r)
+    store = wiring.trade_store(embedded)
+    statuses = wiring.status_store(embedded)
+    env = settings_env(embedded)
+
+    children.append(start("embedded-processor-1", ["process"], env))
+    wait_for(lambda: store.highest_versions(ids[:50]), 60, "some progress", every=0.01)
+    children[-1].send_signal(signal.SIGKILL)
+    children[-1].wait(10)
+    heads = store.highest_versions(ids)
+    assert len(heads) < len(ids) or min(heads.values()) < 5, "killed too late to test a restart"
+
+    children.append(start("embedded-processor-2", ["process"], env))
+
+    def states() -> dict[str, RequestState] | None:
+        got = {}
+        for m in (m for r in rounds for m in r):
+            status = statuses.get(m.request_id)
+            if status is None or not status.state.terminal:
+                return None
+            got[m.request_id] = status.state
+        return got
+
+    final = wait_for(states, 180, "every request terminal", every=1)
+    assert stop(children[-1], signal.SIGTERM) == 0
+    expected = {m.request_id: RequestState.SUCCESS for r in rounds[:-1] for m in r}
+    expected.update({m.request_id: RequestState.FAILED for m in rounds[-1]})
+    assert final == expected
+    for tid in ids:
+        assert [r.trade.version for r in store.versions(tid, TODAY)] == [1, 2, 3, 4, 5]
+
+
+def test_dead_letters_are_kept(embedded: Settings, children: list[subprocess.Popen[bytes]]) -> None:
+    path = embedded.data_dir / "inbound.db"
+    bad = unique("bad")
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "INSERT INTO inbound_log (partition, key, value, headers) VALUES (0, ?, ?, ?)",
+            (b"T", b"garbage", f'[["request_id", "{bad}"]]'),
+        )
+    children.append(start("embedded-processor-dlq", ["process"], settings_env(embedded)))
+    statuses = wiring.status_store(embedded)
+    failed = wait_for(lambda: statuses.get(bad), 60, "the bad request FAILED")
+    assert failed.state is RequestState.FAILED
+    with sqlite3.connect(path) as conn:
+        reason, value = conn.execute("SELECT reason, value FROM dead_letters").fetchone()
+    assert (reason, value) == ("value is not JSON", b"garbage")

@@ -1,0 +1,100 @@
+"""The status store on dynalite (DynamoDB) and on SQLite: lifecycle and terminal finality.
+
+Every test runs against both implementations of the one contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from adapters.dynamodb import DynamoStatusStore, make_client
+from adapters.sqlite import SqliteStatusStore
+from domain.ports import StatusStore, Unavailable
+from domain.status import Outcome, RequestState, RequestStatus
+from domain.trade import ReasonCode
+from tests.conftest import unique
+
+
+@pytest.fixture(scope="module", params=["dynamodb", "sqlite"])
+def store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[StatusStore]:
+    if request.param == "dynamodb":
+        yield request.getfixturevalue("status_store")
+        return
+    store = SqliteStatusStore(tmp_path_factory.mktemp("status") / "status.db", ttl_days=7)
+    store.ensure_schema()
+    yield store
+    store.close()
+
+
+def pending(rid: str, created: datetime | None = None) -> RequestStatus:
+    at = created or datetime.now(UTC)
+    return RequestStatus(rid, RequestState.PENDING, "T1", 3, at, at)
+
+
+def test_lifecycle(store: StatusStore) -> None:
+    rid = unique("r")
+    store.put_pending(pending(rid))
+    got = store.get(rid)
+    assert got is not None
+    assert got.state is RequestState.PENDING
+    assert (got.trade_id, got.version) == ("T1", 3)
+    store.complete([Outcome(rid, "T1", 3, RequestState.SUCCESS)])
+    done = store.get(rid)
+    assert done is not None
+    assert done.state is RequestState.SUCCESS
+    assert done.created_at == got.created_at
+    assert done.updated_at >= got.updated_at
+
+
+def test_terminal_is_final(store: StatusStore) -> None:
+    rid = unique("r")
+    store.put_pending(pending(rid))
+    failed = Outcome(rid, "T1", 3, RequestState.FAILED, ReasonCode.STALE_VERSION, "stale")
+    store.complete([failed])
+    store.complete([Outcome(rid, "T1", 3, RequestState.SUCCESS)])
+    store.put_pending(pending(rid))
+    got = store.get(rid)
+    assert got is not None
+    assert got.state is RequestState.FAILED
+    assert got.reason_code is ReasonCode.STALE_VERSION
+    assert got.failure_reason == "stale"
+
+
+def test_outcome_before_pending_is_kept(store: StatusStore) -> None:
+    """The dataflow may finish before the API writes PENDING; PENDING must not overwrite it."""
+    rid = unique("r")
+    store.complete([Outcome(rid, "T1", 3, RequestState.SUCCESS)])
+    store.put_pending(pending(rid))
+    got = store.get(rid)
+    assert got is not None
+    assert got.state is RequestState.SUCCESS
+    assert got.trade_id == "T1"
+
+
+def test_many_outcomes_at_once(store: StatusStore) -> None:
+    rids = [unique("r") for _ in range(60)]
+    store.complete([Outcome(r, "T", 1, RequestState.SUCCESS) for r in rids])
+    assert all(store.get(r).state is RequestState.SUCCESS for r in rids)  # type: ignore[union-attr]
+
+
+def test_expired_records_are_hidden(store: StatusStore) -> None:
+    rid = unique("r")
+    store.put_pending(pending(rid, datetime.now(UTC) - timedelta(days=8)))
+    assert store.get(rid) is None
+    assert store.get(unique("absent")) is None
+
+
+def test_ensure_table_is_idempotent(status_store: DynamoStatusStore) -> None:
+    status_store.ensure_table()
+    status_store.ping()
+
+
+def test_unreachable_endpoint_is_unavailable() -> None:
+    store = DynamoStatusStore(make_client("http://127.0.0.1:1", "us-east-1"), "t", 7)
+    with pytest.raises(Unavailable):
+        store.ping()
