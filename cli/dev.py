@@ -33,7 +33,7 @@ def port_in_use(host: str, port: int) -> bool:
 def _stop(children: list[subprocess.Popen[bytes]]) -> None:
     for child in children:
         if child.poll() is None:
-            child.send_signal(signal.SIGINT)
+            child.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S
     for child in children:
         try:

@@ -106,18 +106,22 @@ def run(
     process_id: int | None = None,
     addresses: list[str] | None = None,
 ) -> None:
-    """Run until interrupted: create topics if missing, sweep expiry, process the queue."""
-    created = wiring.create_topics(settings)
-    if created:
-        log.info("topics created", topics=created)
-    ensure_recovery_dir(settings.recovery_path, settings.recovery_partitions)
-    sweeper = ExpirySweeper(
-        wiring.trade_store(settings), settings.business_timezone, settings.expiry_check_seconds
-    )
-    sweeper.start()
-    log.info("processor started", profile=settings.profile, workers=workers)
+    """Run until SIGINT/SIGTERM: create topics if missing, sweep expiry, process the queue."""
+    # Explicitly: a process started in the background inherits SIGINT as ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    sweeper: ExpirySweeper | None = None
     try:
-        _run_until_signalled(
+        created = wiring.create_topics(settings)
+        if created:
+            log.info("topics created", topics=created)
+        ensure_recovery_dir(settings.recovery_path, settings.recovery_partitions)
+        sweeper = ExpirySweeper(
+            wiring.trade_store(settings), settings.business_timezone, settings.expiry_check_seconds
+        )
+        sweeper.start()
+        log.info("processor started", profile=settings.profile, workers=workers)
+        cli_main(
             flow(settings),
             workers_per_process=workers,
             process_id=process_id,
@@ -125,8 +129,13 @@ def run(
             epoch_interval=timedelta(seconds=settings.snapshot_interval_seconds),
             recovery_config=RecoveryConfig(settings.recovery_path),
         )
+    except (BytewaxRuntimeError, KeyboardInterrupt) as exc:
+        # Bytewax reports a signal as an error; for us it is the normal way to stop.
+        if not _interrupted(exc):
+            raise
     finally:
-        sweeper.stop()
+        if sweeper is not None:
+            sweeper.stop()
         log.info("processor stopped")
 
 
@@ -140,13 +149,3 @@ def _interrupted(exc: BaseException | None) -> bool:
 
 def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
-
-
-def _run_until_signalled(flow: Dataflow, **kwargs: Any) -> None:
-    """SIGINT or SIGTERM is the normal way to stop; Bytewax reports it as an error."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        cli_main(flow, **kwargs)
-    except (BytewaxRuntimeError, KeyboardInterrupt) as exc:
-        if not _interrupted(exc):
-            raise

@@ -1,0 +1,85 @@
+"""`trade-store dev` (what scripts/run calls): one command, clean stop, data kept across runs."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from datetime import date, timedelta
+from pathlib import Path
+
+import httpx
+
+from config.settings import Settings
+from tests.conftest import settings_env
+from tests.support import free_port, start, stop, wait_for
+
+
+def healthy(client: httpx.Client) -> bool:
+    try:
+        return client.get("/api/v1/health").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_restart_keeps_trades_and_statuses(tmp_path: Path) -> None:
+    settings = Settings(profile="embedded", data_dir=tmp_path / "data", port=free_port())
+    env = settings_env(settings)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=10)
+    maturity = (date.today() + timedelta(days=30)).isoformat()
+
+    first = start("dev-first", ["dev"], env)
+    wait_for(lambda: healthy(client), 60, "first start healthy")
+    locations = []
+    for version in (1, 2, 1):
+        reply = client.post(
+            "/api/v1/trades",
+            json={
+                "trade_id": "R1",
+                "version": version,
+                "counterparty_id": "C",
+                "book_id": "B",
+                "maturity_date": maturity,
+            },
+        )
+        assert reply.status_code == 202
+        locations.append(reply.headers["location"])
+    before = wait_for(
+        lambda: (
+            [client.get(loc).json() for loc in locations]
+            if all(client.get(loc).json()["status"] != "PENDING" for loc in locations)
+            else None
+        ),
+        60,
+        "all terminal",
+    )
+    assert [s["status"] for s in before] == ["SUCCESS", "SUCCESS", "FAILED"]
+    assert stop(first, signal.SIGINT) == 0  # Ctrl-C
+
+    second = start("dev-second", ["dev"], env)
+    try:
+        wait_for(lambda: healthy(client), 60, "second start healthy")
+        assert [client.get(loc).json() for loc in locations] == before
+        assert [r["version"] for r in client.get("/api/v1/trades/R1").json()] == [1, 2]
+    finally:
+        assert stop(second, signal.SIGTERM) == 0
+        client.close()
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        settings = Settings(profile="embedded", data_dir=tmp_path / "data", port=port)
+        result = subprocess.run(
+            [sys.executable, "-m", "cli.main", "dev"],
+            check=False,
+            env=settings_env(settings),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert f"127.0.0.1:{port} is already in use" in result.stderr
