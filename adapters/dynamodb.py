@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from adapters.batching import Batcher
 from config.clock import utc_now
 from domain.ports import Unavailable
 from domain.status import Outcome, RequestState, RequestStatus
@@ -74,21 +76,31 @@ def _status(item: dict[str, Any]) -> RequestStatus:
     )
 
 
-class DynamoStatusStore:
-    """Status store on DynamoDB; terminal states are final by conditional writes."""
+BATCH = 25  # BatchWriteItem's limit
 
-    def __init__(self, client: Any, table: str, ttl_days: int, writers: int = 16) -> None:
+
+class DynamoStatusStore:
+    """Status store on DynamoDB, written in BatchWriteItem batches.
+
+    Batched puts cannot be conditional, so correctness comes from ordering instead: the API
+    writes PENDING before it queues the trade (the request id is fresh, nothing to clobber),
+    and every later write is a terminal outcome that the decision log makes identical on
+    every replay, so rewriting it changes nothing. Terminal states are therefore final.
+    """
+
+    def __init__(self, client: Any, table: str, ttl_days: int, writers: int = 8) -> None:
         self._client = client
         self._table = table
         self._ttl = timedelta(days=ttl_days)
         self._pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="status-writer")
+        self._pending: Batcher[dict[str, Any]] | None = None
 
     def _expires_at(self, now: datetime) -> int:
         return int((now + self._ttl).timestamp())
 
     def _call(self, operation: str, **kwargs: Any) -> Any:
         try:
-            return getattr(self._client, operation)(TableName=self._table, **kwargs)
+            return getattr(self._client, operation)(**kwargs)
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in TRANSIENT:
@@ -97,48 +109,35 @@ class DynamoStatusStore:
         except BotoCoreError as exc:
             raise Unavailable(f"status store {operation}: {exc}") from exc
 
-    def put_pending(self, status: RequestStatus) -> None:
-        try:
-            self._call(
-                "put_item",
-                Item=_item(status, self._expires_at(status.created_at)),
-                ConditionExpression="attribute_not_exists(request_id)",
-            )
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != CONDITION_FAILED:
-                raise
+    def _put_all(self, items: list[dict[str, Any]]) -> None:
+        """One BatchWriteItem (≤ 25 puts), retrying whatever DynamoDB leaves unprocessed."""
+        requests = [{"PutRequest": {"Item": item}} for item in items]
+        delay = 0.02
+        for _ in range(10):
+            reply = self._call("batch_write_item", RequestItems={self._table: requests})
+            requests = reply.get("UnprocessedItems", {}).get(self._table, [])
+            if not requests:
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        raise Unavailable(f"status store: {len(requests)} items left unprocessed")
 
-    def _complete_one(self, outcome: Outcome, now: datetime) -> None:
-        values: dict[str, Any] = {
-            ":state": {"S": outcome.state.value},
-            ":pending": {"S": RequestState.PENDING.value},
-            ":trade_id": {"S": outcome.trade_id},
-            ":version": {"N": str(outcome.version)},
-            ":now": {"S": now.isoformat()},
-            ":expires": {"N": str(self._expires_at(now))},
-        }
-        sets = [
-            "#s = :state",
-            "trade_id = :trade_id",
-            "version = :version",
-            "updated_at = :now",
-            "created_at = if_not_exists(created_at, :now)",
-            "expires_at = :expires",
-        ]
-        if outcome.reason_code is not None:
-            values[":code"] = {"S": outcome.reason_code.value}
-            sets.append("reason_code = :code")
-        if outcome.failure_reason is not None:
-            values[":reason"] = {"S": outcome.failure_reason}
-            sets.append("failure_reason = :reason")
+    async def put_pending(self, status: RequestStatus) -> None:
+        if self._pending is None:
+            self._pending = Batcher(self._put_all, max_batch=BATCH, writers=4, name="pending")
+        item = _item(status, self._expires_at(status.created_at))
+        await asyncio.wrap_future(self._pending.submit(item))
+
+    async def withdraw(self, request_id: str) -> None:
         try:
-            self._call(
-                "update_item",
-                Key={"request_id": {"S": outcome.request_id}},
-                UpdateExpression="SET " + ", ".join(sets),
-                ConditionExpression="attribute_not_exists(request_id) OR #s = :pending",
+            await asyncio.to_thread(
+                self._call,
+                "delete_item",
+                TableName=self._table,
+                Key={"request_id": {"S": request_id}},
+                ConditionExpression="#s = :pending",
                 ExpressionAttributeNames={"#s": "status"},
-                ExpressionAttributeValues=values,
+                ExpressionAttributeValues={":pending": {"S": RequestState.PENDING.value}},
             )
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != CONDITION_FAILED:
@@ -146,11 +145,33 @@ class DynamoStatusStore:
 
     def complete(self, outcomes: Sequence[Outcome]) -> None:
         now = utc_now()
-        # list() re-raises the first failure after every write has been attempted.
-        list(self._pool.map(lambda o: self._complete_one(o, now), outcomes))
+        items = {
+            o.request_id: _item(
+                RequestStatus(
+                    request_id=o.request_id,
+                    state=o.state,
+                    trade_id=o.trade_id,
+                    version=o.version,
+                    created_at=o.accepted_at or now,
+                    updated_at=now,
+                    reason_code=o.reason_code,
+                    failure_reason=o.failure_reason,
+                ),
+                self._expires_at(now),
+            )
+            for o in outcomes
+        }
+        chunks = [list(items.values())[i : i + BATCH] for i in range(0, len(items), BATCH)]
+        # list() re-raises the first failure after every chunk has been attempted.
+        list(self._pool.map(self._put_all, chunks))
 
     def get(self, request_id: str) -> RequestStatus | None:
-        reply = self._call("get_item", Key={"request_id": {"S": request_id}}, ConsistentRead=True)
+        reply = self._call(
+            "get_item",
+            TableName=self._table,
+            Key={"request_id": {"S": request_id}},
+            ConsistentRead=True,
+        )
         item = reply.get("Item")
         # DynamoDB deletes expired items lazily (and emulators never): hide them on read.
         if not item or int(item["expires_at"]["N"]) < utc_now().timestamp():
@@ -158,7 +179,12 @@ class DynamoStatusStore:
         return _status(item)
 
     def ping(self) -> None:
-        self._call("describe_table")
+        self._call("describe_table", TableName=self._table)
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.close()
+        self._pool.shutdown(wait=True)
 
     def ensure_table(self, timeout_s: float = 30.0) -> None:
         """Create the table (on-demand billing, TTL on ``expires_at``) if it does not exist."""

@@ -229,6 +229,7 @@ def _logged(row: Row[Any]) -> Outcome:
         state=RequestState(row.state),
         reason_code=ReasonCode(row.reason_code) if row.reason_code else None,
         failure_reason=row.failure_reason,
+        accepted_at=as_utc(row.accepted_at) if row.accepted_at else None,
     )
 
 
@@ -259,6 +260,7 @@ def _record(conn: Connection, decided: Sequence[Decided]) -> list[Outcome]:
                         "state": o.state.value,
                         "reason_code": o.reason_code.value if o.reason_code else None,
                         "failure_reason": o.failure_reason,
+                        "accepted_at": o.accepted_at,
                         "decided_at": datetime.now(UTC),
                     }
                     for o in outcomes.values()

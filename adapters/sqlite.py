@@ -1,15 +1,14 @@
 """The embedded profile's SQLite files: the request-status store and the inbound log.
 
-Writes that acknowledge a client go through a group-commit writer: one thread owns the
-write connection and commits everything waiting in one transaction, so each request is
-durably committed (synchronous=FULL) without paying one fsync per request.
+Writes that acknowledge a client go through group commit: one thread owns the write
+connection and commits everything waiting in one transaction, so each request is durably
+committed (synchronous=FULL) without paying one fsync per request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import queue
 import sqlite3
 import threading
 import zlib
@@ -20,6 +19,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from adapters.batching import Batcher
 from config.clock import utc_now
 from domain.message import TradeMessage, encode
 from domain.ports import Unavailable
@@ -39,55 +39,37 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-class GroupCommitWriter:
-    """Runs one statement for many callers, committing whatever is queued in one transaction."""
+def write_all(conn: sqlite3.Connection, sql: str, rows: Sequence[Params], what: str) -> None:
+    """One statement over many rows in one immediate transaction; Unavailable on failure."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(sql, rows)
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise Unavailable(f"{what}: {exc}") from exc
+
+
+class GroupCommit:
+    """Group commit: callers wait on a future; one writer thread commits what is queued."""
 
     def __init__(self, path: Path, sql: str, max_batch: int = 1000) -> None:
         self._path = path
         self._sql = sql
-        self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[tuple[Params, Future[None]] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=f"commit-{path.name}", daemon=True)
-        self._thread.start()
+        self._conn: sqlite3.Connection | None = None
+        self._batcher = Batcher(self._commit, max_batch=max_batch, name=f"commit-{path.stem}")
 
-    def submit(self, params: Params) -> Future[None]:
-        done: Future[None] = Future()
-        self._queue.put((params, done))
-        return done
+    def _commit(self, rows: list[Params]) -> None:
+        if self._conn is None:  # only ever touched by the single writer thread
+            self._conn = connect(self._path)
+        write_all(self._conn, self._sql, rows, self._path.name)
 
-    def _run(self) -> None:
-        conn = connect(self._path)
-        while True:
-            first = self._queue.get()
-            if first is None:
-                break
-            batch = [first]
-            while len(batch) < self._max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.executemany(self._sql, [params for params, _ in batch])
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                for _, done in batch:
-                    done.set_exception(Unavailable(f"sqlite {self._path.name}: {exc}"))
-                continue
-            for _, done in batch:
-                done.set_result(None)
-        conn.close()
+    def submit(self, row: Params) -> Future[None]:
+        return self._batcher.submit(row)
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=5)
+        self._batcher.close()
 
 
 STATUS_SCHEMA = """
@@ -132,7 +114,7 @@ class SqliteStatusStore:
         self._path = path
         self._ttl = timedelta(days=ttl_days)
         self._local = threading.local()
-        self._pending = GroupCommitWriter(path, PUT_PENDING)
+        self._pending = GroupCommit(path, PUT_PENDING)
 
     def ensure_schema(self) -> None:
         self._conn().executescript(STATUS_SCHEMA)
@@ -146,19 +128,27 @@ class SqliteStatusStore:
     def _expires(self, moment: datetime) -> int:
         return int((moment + self._ttl).timestamp())
 
-    def put_pending(self, status: RequestStatus) -> None:
+    async def put_pending(self, status: RequestStatus) -> None:
         at = status.created_at
-        self._pending.submit(
-            (
-                status.request_id,
-                status.state.value,
-                status.trade_id,
-                status.version,
-                at.isoformat(),
-                status.updated_at.isoformat(),
-                self._expires(at),
-            )
-        ).result(timeout=30)
+        row = (
+            status.request_id,
+            status.state.value,
+            status.trade_id,
+            status.version,
+            at.isoformat(),
+            status.updated_at.isoformat(),
+            self._expires(at),
+        )
+        await asyncio.wrap_future(self._pending.submit(row))
+
+    async def withdraw(self, request_id: str) -> None:
+        await asyncio.to_thread(
+            write_all,
+            self._conn(),
+            "DELETE FROM request_status WHERE request_id = ? AND status = 'PENDING'",
+            [(request_id,)],
+            "status store",
+        )
 
     def complete(self, outcomes: Sequence[Outcome]) -> None:
         now = utc_now()
@@ -168,7 +158,7 @@ class SqliteStatusStore:
                 o.state.value,
                 o.trade_id,
                 o.version,
-                now.isoformat(),
+                (o.accepted_at or now).isoformat(),
                 now.isoformat(),
                 o.reason_code.value if o.reason_code else None,
                 o.failure_reason,
@@ -176,15 +166,7 @@ class SqliteStatusStore:
             )
             for o in outcomes
         ]
-        conn = self._conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(COMPLETE, rows)
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise Unavailable(f"status store: {exc}") from exc
+        write_all(self._conn(), COMPLETE, rows, "status store")
 
     def get(self, request_id: str) -> RequestStatus | None:
         try:
@@ -283,7 +265,7 @@ class SqliteInboundLog:
     def __init__(self, path: Path, partitions: int) -> None:
         self.path = path
         self.partitions = partitions
-        self._appender: GroupCommitWriter | None = None
+        self._appender: GroupCommit | None = None
 
     def ensure_schema(self) -> None:
         conn = connect(self.path)
@@ -303,7 +285,7 @@ class SqliteInboundLog:
     def append(self, message: TradeMessage) -> Future[None]:
         """Queue one message for the next group commit; the future resolves once durable."""
         if self._appender is None:
-            self._appender = GroupCommitWriter(self.path, APPEND)
+            self._appender = GroupCommit(self.path, APPEND)
         return self._appender.submit(self._row(message))
 
     def append_many(self, messages: Iterable[TradeMessage]) -> int:
@@ -311,9 +293,7 @@ class SqliteInboundLog:
         rows = [self._row(m) for m in messages]
         conn = connect(self.path)
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(APPEND, rows)
-            conn.execute("COMMIT")
+            write_all(conn, APPEND, rows, "inbound log")
         finally:
             conn.close()
         return len(rows)
@@ -344,11 +324,7 @@ def write_dead_letters(
     conn = connect(path)
     try:
         now = utc_now().isoformat()
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(DEAD_LETTER, [(*letter, now) for letter in letters])
-        conn.execute("COMMIT")
-    except sqlite3.Error as exc:
-        raise Unavailable(f"dead letters: {exc}") from exc
+        write_all(conn, DEAD_LETTER, [(*letter, now) for letter in letters], "dead letters")
     finally:
         conn.close()
 

@@ -91,7 +91,4 @@ class Services:
 def api_services(settings: Settings) -> Services:
     queue = trade_queue(settings)
     statuses = status_store(settings)
-    closers = [queue.close]
-    if isinstance(statuses, SqliteStatusStore):
-        closers.append(statuses.close)
-    return Services(trade_store(settings), statuses, queue, closers)
+    return Services(trade_store(settings), statuses, queue, [queue.close, statuses.close])

@@ -74,8 +74,8 @@ def dead_letter_outcome(letter: TradeMessage | DeadLetter) -> Outcome | None:
         return None
     return Outcome(
         request_id=letter.request_id,
-        trade_id="",
-        version=0,
+        trade_id=letter.key.decode(errors="replace") if letter.key else "",
+        version=0,  # unknown: the body could not be read
         state=RequestState.FAILED,
         reason_code=ReasonCode.INVALID_MESSAGE,
         failure_reason=letter.reason,

@@ -32,10 +32,22 @@ def outcome_of(decided: Decided, stored: set[tuple[str, int]]) -> Outcome:
     if isinstance(decision, Rejected):
         code, reason = decision.code, decision.message
     elif (trade.trade_id, trade.version) in stored:
-        return Outcome(message.request_id, trade.trade_id, trade.version, RequestState.SUCCESS)
+        return Outcome(
+            message.request_id,
+            trade.trade_id,
+            trade.version,
+            RequestState.SUCCESS,
+            accepted_at=message.accepted_at,
+        )
     else:
         code = ReasonCode.STALE_VERSION
         reason = f"version {trade.version} is lower than a version already stored"
     return Outcome(
-        message.request_id, trade.trade_id, trade.version, RequestState.FAILED, code, reason
+        message.request_id,
+        trade.trade_id,
+        trade.version,
+        RequestState.FAILED,
+        code,
+        reason,
+        message.accepted_at,
     )

@@ -85,12 +85,17 @@ class TradeStore(Protocol):
 class StatusStore(Protocol):
     """Request statuses by request_id. A terminal status is never changed again."""
 
-    def put_pending(self, status: RequestStatus) -> None:
-        """Record a new request as PENDING unless a record for it already exists."""
+    async def put_pending(self, status: RequestStatus) -> None:
+        """Durably record a new request as PENDING; called before its trade is queued."""
+        ...
+
+    async def withdraw(self, request_id: str) -> None:
+        """Delete a PENDING record whose trade could not be queued (never a terminal one)."""
         ...
 
     def complete(self, outcomes: Sequence[Outcome]) -> None:
-        """Write terminal outcomes; a request already terminal keeps its first outcome."""
+        """Write terminal outcomes. A request's outcome is the same on every replay (the
+        decision log sees to it), so rewriting one never changes a terminal state."""
         ...
 
     def get(self, request_id: str) -> RequestStatus | None: ...

@@ -45,6 +45,7 @@ class Outcome:
     state: RequestState
     reason_code: ReasonCode | None = None
     failure_reason: str | None = None
+    accepted_at: datetime | None = None  # when the API accepted it; None if unreadable
 
     def __post_init__(self) -> None:
         if not self.state.terminal:

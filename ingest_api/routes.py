@@ -10,6 +10,7 @@ import uuid
 from typing import Annotated, Any
 
 import orjson
+import structlog
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
@@ -24,6 +25,7 @@ from ingest_api.problems import MEDIA_TYPE, ProblemError
 from ingest_api.schemas import AcceptedOut, HealthOut, Problem, RequestOut, TradeIn, TradeOut
 
 router = APIRouter(prefix="/api/v1")
+log = structlog.get_logger("ingest_api")
 PROBLEM: dict[str, Any] = {"model": Problem, "content": {MEDIA_TYPE: {}}}
 UNAVAILABLE: dict[int | str, dict[str, Any]] = {
     503: {**PROBLEM, "description": "A dependency is down; retry after Retry-After"}
@@ -62,12 +64,9 @@ async def submit_trade(
         accepted_at=now,
         trade=trade,
     )
-    # Queue first: a PENDING record is only ever written for a trade that is queued, so a
-    # failed enqueue leaves nothing PENDING behind. The dataflow's terminal write never
-    # depends on the PENDING record existing.
-    await services.queue.publish(message)
-    await run_in_threadpool(
-        services.statuses.put_pending,
+    # PENDING first, so the dataflow's outcome can never be overwritten by it; if the
+    # trade then cannot be queued, the PENDING record is withdrawn and the client gets 503.
+    await services.statuses.put_pending(
         RequestStatus(
             request_id=message.request_id,
             state=RequestState.PENDING,
@@ -75,8 +74,13 @@ async def submit_trade(
             version=trade.version,
             created_at=now,
             updated_at=now,
-        ),
+        )
     )
+    try:
+        await services.queue.publish(message)
+    except Unavailable:
+        await _withdraw(services, message.request_id)
+        raise
     return _json(
         202,
         {
@@ -100,6 +104,14 @@ def get_request(request_id: str, services: ServicesDep) -> Response:
     if status is None:
         raise ProblemError(404, "NOT_FOUND", f"No request {request_id}", field="request_id")
     return _json(200, RequestOut.of(status).model_dump(mode="json"))
+
+
+async def _withdraw(services: ServicesDep, request_id: str) -> None:
+    try:
+        await services.statuses.withdraw(request_id)
+    except Unavailable as exc:
+        # Its id was never returned to anyone; the status TTL removes it.
+        log.warning("could not withdraw PENDING record", request_id=request_id, error=str(exc))
 
 
 def encode_cursor(trade_id: str, version: int) -> str:

@@ -117,10 +117,16 @@ class FakeStatusStore:
         if self.down:
             raise Unavailable("fake status store is down")
 
-    def put_pending(self, status: RequestStatus) -> None:
+    async def put_pending(self, status: RequestStatus) -> None:
         self._check()
         with self._lock:
             self.items.setdefault(status.request_id, status)
+
+    async def withdraw(self, request_id: str) -> None:
+        self._check()
+        with self._lock:
+            if self.items[request_id].state is RequestState.PENDING:
+                del self.items[request_id]
 
     def complete(self, outcomes: Sequence[Outcome]) -> None:
         self._check()

@@ -103,6 +103,7 @@ def upgrade() -> None:
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("reason_code", sa.String(32)),
         sa.Column("failure_reason", sa.String(256)),
+        sa.Column("accepted_at", sa.DateTime(timezone=True)),
         sa.Column(
             "decided_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
         ),

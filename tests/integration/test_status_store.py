@@ -5,6 +5,7 @@ Every test runs against both implementations of the one contract.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -36,14 +37,15 @@ def pending(rid: str, created: datetime | None = None) -> RequestStatus:
     return RequestStatus(rid, RequestState.PENDING, "T1", 3, at, at)
 
 
-def test_lifecycle(store: StatusStore) -> None:
+async def test_lifecycle(store: StatusStore) -> None:
     rid = unique("r")
-    store.put_pending(pending(rid))
+    accepted = pending(rid)
+    await store.put_pending(accepted)
     got = store.get(rid)
     assert got is not None
     assert got.state is RequestState.PENDING
     assert (got.trade_id, got.version) == ("T1", 3)
-    store.complete([Outcome(rid, "T1", 3, RequestState.SUCCESS)])
+    store.complete([Outcome(rid, "T1", 3, RequestState.SUCCESS, accepted_at=accepted.created_at)])
     done = store.get(rid)
     assert done is not None
     assert done.state is RequestState.SUCCESS
@@ -51,13 +53,12 @@ def test_lifecycle(store: StatusStore) -> None:
     assert done.updated_at >= got.updated_at
 
 
-def test_terminal_is_final(store: StatusStore) -> None:
+async def test_replayed_outcome_changes_nothing(store: StatusStore) -> None:
     rid = unique("r")
-    store.put_pending(pending(rid))
+    await store.put_pending(pending(rid))
     failed = Outcome(rid, "T1", 3, RequestState.FAILED, ReasonCode.STALE_VERSION, "stale")
     store.complete([failed])
-    store.complete([Outcome(rid, "T1", 3, RequestState.SUCCESS)])
-    store.put_pending(pending(rid))
+    store.complete([failed])
     got = store.get(rid)
     assert got is not None
     assert got.state is RequestState.FAILED
@@ -65,26 +66,39 @@ def test_terminal_is_final(store: StatusStore) -> None:
     assert got.failure_reason == "stale"
 
 
-def test_outcome_before_pending_is_kept(store: StatusStore) -> None:
-    """The dataflow may finish before the API writes PENDING; PENDING must not overwrite it."""
+def test_outcome_without_pending_record(store: StatusStore) -> None:
+    """A dead letter whose PENDING record is gone still ends FAILED and readable."""
     rid = unique("r")
-    store.complete([Outcome(rid, "T1", 3, RequestState.SUCCESS)])
-    store.put_pending(pending(rid))
+    store.complete([Outcome(rid, "", 0, RequestState.FAILED, ReasonCode.INVALID_MESSAGE, "bad")])
     got = store.get(rid)
     assert got is not None
-    assert got.state is RequestState.SUCCESS
-    assert got.trade_id == "T1"
+    assert got.state is RequestState.FAILED
 
 
-def test_many_outcomes_at_once(store: StatusStore) -> None:
+async def test_withdraw_removes_only_pending(store: StatusStore) -> None:
+    queued, unqueued = unique("r"), unique("r")
+    await store.put_pending(pending(queued))
+    await store.put_pending(pending(unqueued))
+    store.complete([Outcome(queued, "T1", 3, RequestState.SUCCESS)])
+    await store.withdraw(unqueued)
+    await store.withdraw(queued)
+    assert store.get(unqueued) is None
+    done = store.get(queued)
+    assert done is not None
+    assert done.state is RequestState.SUCCESS
+
+
+async def test_many_at_once(store: StatusStore) -> None:
     rids = [unique("r") for _ in range(60)]
-    store.complete([Outcome(r, "T", 1, RequestState.SUCCESS) for r in rids])
+    await asyncio.gather(*(store.put_pending(pending(r)) for r in rids))
+    outcomes = [Outcome(r, "T", 1, RequestState.SUCCESS) for r in rids]
+    store.complete(outcomes + outcomes[:5])  # duplicates in one call are fine
     assert all(store.get(r).state is RequestState.SUCCESS for r in rids)  # type: ignore[union-attr]
 
 
-def test_expired_records_are_hidden(store: StatusStore) -> None:
+async def test_expired_records_are_hidden(store: StatusStore) -> None:
     rid = unique("r")
-    store.put_pending(pending(rid, datetime.now(UTC) - timedelta(days=8)))
+    await store.put_pending(pending(rid, datetime.now(UTC) - timedelta(days=8)))
     assert store.get(rid) is None
     assert store.get(unique("absent")) is None
 

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from adapters.wiring import Services
 from config.clock import business_today
 from config.settings import Settings
+from domain.message import TradeMessage
 from domain.status import Outcome, RequestState
 from domain.trade import ReasonCode, Trade
 from ingest_api.app import create_app
@@ -150,6 +151,21 @@ def test_streamed_body_too_large_is_413(api: Api) -> None:
     assert reply.json()["code"] == "PAYLOAD_TOO_LARGE"
 
 
+def test_pending_is_written_before_the_trade_is_queued(api: Api) -> None:
+    """So the dataflow's outcome can never be overwritten by a late PENDING."""
+    seen = []
+    publish = api.queue.publish
+
+    async def checking_publish(message: TradeMessage) -> None:
+        seen.append(api.statuses.items.get(message.request_id))
+        await publish(message)
+
+    api.queue.publish = checking_publish  # type: ignore[method-assign]
+    assert api.client.post("/api/v1/trades", json=body()).status_code == 202
+    assert seen[0] is not None
+    assert seen[0].state is RequestState.PENDING
+
+
 def test_queue_down_is_503_and_leaves_nothing_pending(api: Api) -> None:
     api.queue.down = True
     reply = api.client.post("/api/v1/trades", json=body())
@@ -159,11 +175,12 @@ def test_queue_down_is_503_and_leaves_nothing_pending(api: Api) -> None:
     assert api.statuses.items == {}
 
 
-def test_status_store_down_is_503(api: Api) -> None:
+def test_status_store_down_is_503_and_nothing_is_queued(api: Api) -> None:
     api.statuses.down = True
     reply = api.client.post("/api/v1/trades", json=body())
     assert reply.status_code == 503
     assert reply.headers["retry-after"] == "7"
+    assert api.queue.messages == []
     assert api.client.get("/api/v1/requests/x").status_code == 503
 
 
