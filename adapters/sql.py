@@ -6,6 +6,7 @@ and in how the migration writes the version guard.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
@@ -19,17 +20,15 @@ from sqlalchemy import (
     and_,
     create_engine,
     event,
-    func,
     or_,
     select,
     text,
     tuple_,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from adapters.tables import request_outcomes, trades
+from adapters.tables import trades
 from domain.decided import Decided, outcome_of
 from domain.ports import StoredTrade, TradeFilter, Unavailable
 from domain.status import Outcome, RequestState
@@ -123,12 +122,7 @@ class SqlTradeStore:
     def highest_versions(self, trade_ids: Collection[str]) -> dict[str, int]:
         if not trade_ids:
             return {}
-        query = (
-            select(trades.c.trade_id, func.max(trades.c.version))
-            .where(trades.c.trade_id.in_(list(trade_ids)))
-            .group_by(trades.c.trade_id)
-        )
-        return self._run(lambda conn: {tid: v for tid, v in conn.execute(query)})  # noqa: C416
+        return self._run(lambda conn: _batch_sql(conn).heads(conn, list(trade_ids)))
 
     def apply(self, trades_in: Sequence[Trade]) -> set[tuple[str, int]]:
         return self._run(lambda conn: _upsert(conn, trades_in))
@@ -186,50 +180,184 @@ class SqlTradeStore:
         self._run(lambda conn: conn.execute(text("SELECT 1")))
 
 
-def _upsert(conn: Connection, trades_in: Sequence[Trade]) -> set[tuple[str, int]]:
-    """One multi-row upsert; the guard trigger silently skips rows below the head."""
-    now = datetime.now(UTC)
-    rows = [
-        {
-            "created_at": now,
-            "updated_at": now,
-            "trade_id": t.trade_id,
-            "version": t.version,
-            "counterparty_id": t.counterparty_id,
-            "book_id": t.book_id,
-            "maturity_date": t.maturity_date,
-            "created_date": t.created_date,
-            "expired": False,
+class _PostgresBatches:
+    """Whole batches as one statement each, by passing columns as arrays to unnest()."""
+
+    HEADS = text(
+        "SELECT trade_id, max(version) FROM trades"
+        " WHERE trade_id = ANY(CAST(:ids AS text[])) GROUP BY trade_id"
+    )
+    LOGGED = text(
+        "SELECT request_id, trade_id, version, state, reason_code, failure_reason, accepted_at"
+        " FROM request_outcomes WHERE request_id = ANY(CAST(:ids AS text[]))"
+    )
+    UPSERT = text(
+        "INSERT INTO trades (trade_id, version, counterparty_id, book_id, maturity_date,"
+        " created_date, expired, created_at, updated_at)"
+        " SELECT u.*, false, :now, :now FROM unnest(CAST(:ids AS text[]),"
+        " CAST(:versions AS int[]), CAST(:cps AS text[]), CAST(:books AS text[]),"
+        " CAST(:maturities AS date[]), CAST(:created AS date[])) AS u"
+        " ON CONFLICT (trade_id, version) DO UPDATE SET"
+        " counterparty_id = excluded.counterparty_id, book_id = excluded.book_id,"
+        " maturity_date = excluded.maturity_date, created_date = excluded.created_date,"
+        " expired = false, updated_at = excluded.updated_at"
+        " RETURNING trade_id, version"
+    )
+    LOG = text(
+        "INSERT INTO request_outcomes (request_id, trade_id, version, state, reason_code,"
+        " failure_reason, accepted_at, decided_at)"
+        " SELECT u.*, :now FROM unnest(CAST(:rids AS text[]), CAST(:ids AS text[]),"
+        " CAST(:versions AS int[]), CAST(:states AS text[]), CAST(:codes AS text[]),"
+        " CAST(:reasons AS text[]), CAST(:accepted AS timestamptz[])) AS u"
+        " ON CONFLICT (request_id) DO NOTHING"
+    )
+
+    def heads(self, conn: Connection, ids: list[str]) -> dict[str, int]:
+        return {tid: v for tid, v in conn.execute(self.HEADS, {"ids": ids})}  # noqa: C416
+
+    def logged(self, conn: Connection, ids: list[str]) -> dict[str, Outcome]:
+        return {row[0]: _logged(row) for row in conn.execute(self.LOGGED, {"ids": ids})}
+
+    def upsert(self, conn: Connection, rows: list[Trade], now: datetime) -> set[tuple[str, int]]:
+        params = {
+            "now": now,
+            "ids": [t.trade_id for t in rows],
+            "versions": [t.version for t in rows],
+            "cps": [t.counterparty_id for t in rows],
+            "books": [t.book_id for t in rows],
+            "maturities": [t.maturity_date for t in rows],
+            "created": [t.created_date for t in rows],
         }
-        for t in dedupe_last(trades_in)
-    ]
+        return {(tid, v) for tid, v in conn.execute(self.UPSERT, params)}
+
+    def log(self, conn: Connection, outcomes: list[Outcome], now: datetime) -> None:
+        conn.execute(
+            self.LOG,
+            {
+                "now": now,
+                "rids": [o.request_id for o in outcomes],
+                "ids": [o.trade_id for o in outcomes],
+                "versions": [o.version for o in outcomes],
+                "states": [o.state.value for o in outcomes],
+                "codes": [o.reason_code.value if o.reason_code else None for o in outcomes],
+                "reasons": [o.failure_reason for o in outcomes],
+                "accepted": [o.accepted_at for o in outcomes],
+            },
+        )
+
+
+def _sqlite_time(moment: datetime) -> str:
+    """The text form SQLAlchemy's SQLite DateTime reads back (naive UTC)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+class _SqliteBatches:
+    """SQLite runs in-process, so prepared statements per row cost microseconds; id lists
+    travel as one JSON parameter."""
+
+    HEADS = (
+        "SELECT trade_id, max(version) FROM trades"
+        " WHERE trade_id IN (SELECT value FROM json_each(?)) GROUP BY trade_id"
+    )
+    LOGGED = (
+        "SELECT request_id, trade_id, version, state, reason_code, failure_reason, accepted_at"
+        " FROM request_outcomes WHERE request_id IN (SELECT value FROM json_each(?))"
+    )
+    UPSERT = (
+        "INSERT INTO trades (trade_id, version, counterparty_id, book_id, maturity_date,"
+        " created_date, expired, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)"
+        " ON CONFLICT (trade_id, version) DO UPDATE SET"
+        " counterparty_id = excluded.counterparty_id, book_id = excluded.book_id,"
+        " maturity_date = excluded.maturity_date, created_date = excluded.created_date,"
+        " expired = 0, updated_at = excluded.updated_at"
+        " RETURNING trade_id, version"
+    )
+    LOG = (
+        "INSERT INTO request_outcomes (request_id, trade_id, version, state, reason_code,"
+        " failure_reason, accepted_at, decided_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (request_id) DO NOTHING"
+    )
+
+    @staticmethod
+    def _cursor(conn: Connection) -> Any:
+        return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+
+    def heads(self, conn: Connection, ids: list[str]) -> dict[str, int]:
+        return dict(self._cursor(conn).execute(self.HEADS, (json.dumps(ids),)).fetchall())
+
+    def logged(self, conn: Connection, ids: list[str]) -> dict[str, Outcome]:
+        rows = self._cursor(conn).execute(self.LOGGED, (json.dumps(ids),)).fetchall()
+        return {row[0]: _logged(row) for row in rows}
+
+    def upsert(self, conn: Connection, rows: list[Trade], now: datetime) -> set[tuple[str, int]]:
+        cursor = self._cursor(conn)
+        stamp = _sqlite_time(now)
+        written: set[tuple[str, int]] = set()
+        for t in rows:
+            cursor.execute(
+                self.UPSERT,
+                (
+                    t.trade_id,
+                    t.version,
+                    t.counterparty_id,
+                    t.book_id,
+                    t.maturity_date.isoformat(),
+                    t.created_date.isoformat(),
+                    stamp,
+                    stamp,
+                ),
+            )
+            written.update((tid, v) for tid, v in cursor.fetchall())
+        return written
+
+    def log(self, conn: Connection, outcomes: list[Outcome], now: datetime) -> None:
+        stamp = _sqlite_time(now)
+        self._cursor(conn).executemany(
+            self.LOG,
+            [
+                (
+                    o.request_id,
+                    o.trade_id,
+                    o.version,
+                    o.state.value,
+                    o.reason_code.value if o.reason_code else None,
+                    o.failure_reason,
+                    _sqlite_time(o.accepted_at) if o.accepted_at else None,
+                    stamp,
+                )
+                for o in outcomes
+            ],
+        )
+
+
+_POSTGRES = _PostgresBatches()
+_SQLITE = _SqliteBatches()
+
+
+def _batch_sql(conn: Connection) -> _PostgresBatches | _SqliteBatches:
+    return _POSTGRES if conn.dialect.name == "postgresql" else _SQLITE
+
+
+def _upsert(conn: Connection, trades_in: Sequence[Trade]) -> set[tuple[str, int]]:
+    """Upsert a batch; the guard trigger silently skips rows below the head."""
+    rows = dedupe_last(trades_in)
     if not rows:
         return set()
-    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    values = insert(trades).values(rows)
-    stmt = values.on_conflict_do_update(
-        index_elements=[trades.c.trade_id, trades.c.version],
-        set_={
-            "counterparty_id": values.excluded.counterparty_id,
-            "book_id": values.excluded.book_id,
-            "maturity_date": values.excluded.maturity_date,
-            "created_date": values.excluded.created_date,
-            "expired": values.excluded.expired,
-            "updated_at": values.excluded.updated_at,
-        },
-    ).returning(trades.c.trade_id, trades.c.version)
-    return {(tid, v) for tid, v in conn.execute(stmt)}
+    return _batch_sql(conn).upsert(conn, rows, datetime.now(UTC))
 
 
-def _logged(row: Row[Any]) -> Outcome:
+def _logged(row: Any) -> Outcome:
+    request_id, trade_id, version, state, code, reason, accepted_at = row
+    if isinstance(accepted_at, str):
+        accepted_at = datetime.fromisoformat(accepted_at)
     return Outcome(
-        request_id=row.request_id,
-        trade_id=row.trade_id,
-        version=row.version,
-        state=RequestState(row.state),
-        reason_code=ReasonCode(row.reason_code) if row.reason_code else None,
-        failure_reason=row.failure_reason,
-        accepted_at=as_utc(row.accepted_at) if row.accepted_at else None,
+        request_id=request_id,
+        trade_id=trade_id,
+        version=version,
+        state=RequestState(state),
+        reason_code=ReasonCode(code) if code else None,
+        failure_reason=reason,
+        accepted_at=as_utc(accepted_at) if accepted_at else None,
     )
 
 
@@ -237,35 +365,12 @@ def _record(conn: Connection, decided: Sequence[Decided]) -> list[Outcome]:
     """Skip requests already logged, apply the rest, log their outcomes; all in one txn."""
     if not decided:
         return []
+    batches = _batch_sql(conn)
     ids = [d.message.request_id for d in decided]
-    logged = {
-        row.request_id: _logged(row)
-        for row in conn.execute(
-            select(request_outcomes).where(request_outcomes.c.request_id.in_(ids))
-        )
-    }
+    logged = batches.logged(conn, ids)
     fresh = [d for d in decided if d.message.request_id not in logged]
     stored = _upsert(conn, [d.message.trade for d in fresh if d.accepted])
     outcomes = {d.message.request_id: outcome_of(d, stored) for d in fresh}
     if outcomes:
-        insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-        conn.execute(
-            insert(request_outcomes)
-            .values(
-                [
-                    {
-                        "request_id": o.request_id,
-                        "trade_id": o.trade_id,
-                        "version": o.version,
-                        "state": o.state.value,
-                        "reason_code": o.reason_code.value if o.reason_code else None,
-                        "failure_reason": o.failure_reason,
-                        "accepted_at": o.accepted_at,
-                        "decided_at": datetime.now(UTC),
-                    }
-                    for o in outcomes.values()
-                ]
-            )
-            .on_conflict_do_nothing(index_elements=[request_outcomes.c.request_id])
-        )
+        batches.log(conn, list(outcomes.values()), datetime.now(UTC))
     return [logged.get(rid) or outcomes[rid] for rid in ids]
