@@ -10,6 +10,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import boto3
+import orjson
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -42,8 +45,65 @@ def make_client(endpoint_url: str | None, region: str, pool: int = 32) -> Any:
             connect_timeout=2,
             read_timeout=5,
             retries={"mode": "standard", "max_attempts": 3},
+            parameter_validation=False,  # our items are built by _item(), already well-formed
         ),
     )
+
+
+class BatchWriter:
+    """BatchWriteItem with a body serialised in one orjson call, signed by botocore.
+
+    botocore's generic serializer walks its service model for every attribute of every
+    item: about 75 µs of CPU per item here, the largest single cost of both the API's
+    PENDING writes and the processor's outcomes. This sends the same request, signed with
+    the client's own credentials and SigV4, over the client's own HTTP session.
+    """
+
+    TARGET = "DynamoDB_20120810.BatchWriteItem"
+
+    def __init__(self, client: Any, table: str) -> None:
+        self._table = table
+        self._url = client.meta.endpoint_url
+        self._region = client.meta.region_name
+        self._credentials = client._request_signer._credentials
+        self._http = client._endpoint.http_session
+
+    def _send(self, requests: list[dict[str, Any]]) -> dict[str, Any]:
+        request = AWSRequest(
+            method="POST",
+            url=self._url,
+            data=orjson.dumps({"RequestItems": {self._table: requests}}),
+            headers={
+                "Content-Type": "application/x-amz-json-1.0",
+                "X-Amz-Target": self.TARGET,
+            },
+        )
+        SigV4Auth(self._credentials.get_frozen_credentials(), "dynamodb", self._region).add_auth(
+            request
+        )
+        try:
+            response = self._http.send(request.prepare())
+        except BotoCoreError as exc:
+            raise Unavailable(f"status store batch_write_item: {exc}") from exc
+        body: dict[str, Any] = orjson.loads(response.content) if response.content else {}
+        if response.status_code == 200:
+            return body
+        code = str(body.get("__type", "")).rpartition("#")[2]
+        if response.status_code >= 500 or code in TRANSIENT:
+            raise Unavailable(f"status store batch_write_item: {code or response.status_code}")
+        raise RuntimeError(f"status store batch_write_item: {code}: {body.get('message')}")
+
+    def put_all(self, items: list[dict[str, Any]]) -> None:
+        """Put up to 25 items, retrying whatever DynamoDB leaves unprocessed."""
+        requests = [{"PutRequest": {"Item": item}} for item in items]
+        delay = 0.02
+        for _ in range(10):
+            requests = self._send(requests).get("UnprocessedItems", {}).get(self._table, [])
+            if not requests:
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        raise Unavailable(f"status store: {len(requests)} items left unprocessed")
 
 
 def _item(status: RequestStatus, expires_at: int) -> dict[str, Any]:
@@ -94,6 +154,7 @@ class DynamoStatusStore:
         self._ttl = timedelta(days=ttl_days)
         self._pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="status-writer")
         self._pending: Batcher[dict[str, Any]] | None = None
+        self._writer = BatchWriter(client, table)
 
     def _expires_at(self, now: datetime) -> int:
         return int((now + self._ttl).timestamp())
@@ -109,22 +170,11 @@ class DynamoStatusStore:
         except BotoCoreError as exc:
             raise Unavailable(f"status store {operation}: {exc}") from exc
 
-    def _put_all(self, items: list[dict[str, Any]]) -> None:
-        """One BatchWriteItem (≤ 25 puts), retrying whatever DynamoDB leaves unprocessed."""
-        requests = [{"PutRequest": {"Item": item}} for item in items]
-        delay = 0.02
-        for _ in range(10):
-            reply = self._call("batch_write_item", RequestItems={self._table: requests})
-            requests = reply.get("UnprocessedItems", {}).get(self._table, [])
-            if not requests:
-                return
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
-        raise Unavailable(f"status store: {len(requests)} items left unprocessed")
-
     async def put_pending(self, status: RequestStatus) -> None:
         if self._pending is None:
-            self._pending = Batcher(self._put_all, max_batch=BATCH, writers=4, name="pending")
+            self._pending = Batcher(
+                self._writer.put_all, max_batch=BATCH, writers=4, name="pending"
+            )
         item = _item(status, self._expires_at(status.created_at))
         await asyncio.wrap_future(self._pending.submit(item))
 
@@ -163,7 +213,7 @@ class DynamoStatusStore:
         }
         chunks = [list(items.values())[i : i + BATCH] for i in range(0, len(items), BATCH)]
         # list() re-raises the first failure after every chunk has been attempted.
-        list(self._pool.map(self._put_all, chunks))
+        list(self._pool.map(self._writer.put_all, chunks))
 
     def get(self, request_id: str) -> RequestStatus | None:
         reply = self._call(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import structlog
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
@@ -30,23 +31,49 @@ def log_outcomes(outcomes: list[Outcome], correlation: dict[str, str]) -> None:
         )
 
 
+CHUNK = 1000
+
+
 class _TradePartition(StatelessSinkPartition[Decided]):
     def __init__(self, trades: TradeStore, statuses: StatusStore) -> None:
         self._trades = trades
         self._statuses = statuses
+        self._status_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outcomes")
+
+    def _record(self, chunk: list[Decided]) -> list[Outcome]:
+        return until_available(lambda: self._trades.record(chunk), "trade store")
+
+    def _complete(self, chunk: list[Decided], outcomes: list[Outcome]) -> None:
+        until_available(lambda: self._statuses.complete(outcomes), "status store")
+        log_outcomes(outcomes, {d.message.request_id: d.message.correlation_id for d in chunk})
 
     def write_batch(self, items: list[Decided]) -> None:
-        outcomes = until_available(lambda: self._trades.record(items), "trade store")
-        # Only now, with the rows committed, may any request say SUCCESS.
-        until_available(lambda: self._statuses.complete(outcomes), "status store")
-        log_outcomes(outcomes, {d.message.request_id: d.message.correlation_id for d in items})
+        """Chunk by chunk: commit chunk n+1 while chunk n's outcomes are being written.
+
+        Every outcome is written before this returns, so a recovery snapshot never covers a
+        request whose status is still unwritten.
+        """
+        in_flight: Future[None] | None = None
+        for start in range(0, len(items), CHUNK):
+            chunk = items[start : start + CHUNK]
+            outcomes = self._record(chunk)
+            # Only now, with the rows committed, may any request say SUCCESS.
+            if in_flight is not None:
+                in_flight.result()
+            in_flight = self._status_writer.submit(self._complete, chunk, outcomes)
+        if in_flight is not None:
+            in_flight.result()
+
+    def close(self) -> None:
+        self._status_writer.shutdown(wait=True)
 
 
 class TradeSink(DynamicSink[Decided]):
     """Commits a batch's accepted rows in one transaction, then writes every outcome.
 
-    At-least-once; idempotent by (trade_id, version) in the store and by conditional
-    terminal writes in the status store. Outages are retried with backoff, never dropped.
+    At-least-once; idempotent by request_id (the decision log) and by (trade_id, version)
+    in the store, so outcomes rewritten on replay are identical. Outages are retried with
+    backoff, never dropped.
     """
 
     def __init__(

@@ -178,3 +178,16 @@ def test_crash_between_commit_and_status_then_replay(pipeline: Pipeline) -> None
         "r2": ("SUCCESS", None),
         "r3": ("FAILED", "STALE_VERSION"),
     }
+
+
+def test_large_batches_are_written_in_pipelined_chunks(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunk n+1 is committed while chunk n's outcomes are written; all land, in order."""
+    monkeypatch.setattr("sinks.stores.CHUNK", 3)
+    items = [record(f"r{v}", "T1", v) for v in range(1, 11)] + [record("stale", "T1", 2)]
+    run_main(pipeline.flow(items, batch_size=11))
+    assert {rid: s for rid, (s, _) in states(pipeline).items()} == {
+        **{f"r{v}": "SUCCESS" for v in range(1, 11)},
+        "stale": "FAILED",
+    }
