@@ -101,26 +101,37 @@ def terminal(store: DynamoStatusStore, request_ids: list[str]) -> dict[str, Requ
     return states
 
 
+@pytest.mark.parametrize("workers", [1, 3])
 def test_decides_and_persists(
-    processor: Processor, trade_store: SqlTradeStore, status_store: DynamoStatusStore
+    own: Settings,
+    processors: Callable[[Settings], Processor],
+    trade_store: SqlTradeStore,
+    status_store: DynamoStatusStore,
+    workers: int,
 ) -> None:
-    tid = unique("T")
-    sent = [message(tid, 1), message(tid, 2), message(tid, 1), message(tid, 2)]
-    asyncio.run(publish(processor.settings, [[m] for m in sent]))
+    """Scaling out is one flag: with 3 workers, each trade is still decided in order."""
+    processor = processors(own.model_copy(update={"processor_workers": workers}))
+    ids = [unique("T") for _ in range(12)]
+    rounds = [[message(tid, v) for tid in ids] for v in (1, 2, 1, 2)]
+    asyncio.run(publish(processor.settings, rounds))
     states = wait_for(
-        lambda: terminal(status_store, [m.request_id for m in sent]), 60, "all requests terminal"
+        lambda: terminal(status_store, [m.request_id for r in rounds for m in r]),
+        60,
+        "all requests terminal",
     )
-    assert [states[m.request_id] for m in sent] == [
+    expected = [
         RequestState.SUCCESS,
         RequestState.SUCCESS,
         RequestState.FAILED,
         RequestState.SUCCESS,
     ]
-    stale = status_store.get(sent[2].request_id)
+    for i, tid in enumerate(ids):
+        assert [states[r[i].request_id] for r in rounds] == expected
+        assert [r.trade.version for r in trade_store.versions(tid, TODAY)] == [1, 2]
+    stale = status_store.get(rounds[2][0].request_id)
     assert stale is not None
     assert stale.reason_code is not None
     assert stale.reason_code.value == "STALE_VERSION"
-    assert [r.trade.version for r in trade_store.versions(tid, TODAY)] == [1, 2]
 
 
 def test_bad_data_goes_to_dead_letter_topic(
