@@ -10,12 +10,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
+
 from adapters.dynamodb import DynamoStatusStore, make_client
 from adapters.kafka import KafkaTradeQueue, ensure_topics
 from adapters.sql import SqlTradeStore, make_engine
 from adapters.sqlite import SqliteInboundLog, SqliteStatusStore, SqliteTradeQueue
 from config.settings import Settings
 from domain.ports import StatusStore, TradeQueue, TradeStore
+
+log = structlog.get_logger("adapters")
 
 
 def trade_store(settings: Settings) -> SqlTradeStore:
@@ -89,6 +93,11 @@ class Services:
 
 
 def api_services(settings: Settings) -> Services:
+    """The API's adapters; the queue is created if missing, as on the processor's first start."""
+    try:
+        create_topics(settings)
+    except Exception as exc:  # the API still starts; health reports the queue
+        log.warning("could not create the inbound queue", error=str(exc))
     queue = trade_queue(settings)
     statuses = status_store(settings)
     return Services(trade_store(settings), statuses, queue, [queue.close, statuses.close])

@@ -33,6 +33,8 @@ def migrate(settings: Settings) -> None:
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
+    if settings.embedded:  # zero set-up: the SQLite files migrate themselves
+        migrate(settings)
     uvicorn.run(
         "ingest_api.app:create_app",
         factory=True,
@@ -49,6 +51,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 def _process(settings: Settings, args: argparse.Namespace) -> int:
     from cli import processor
 
+    if settings.embedded:
+        migrate(settings)
     if args.recovery_dir:
         settings = settings.model_copy(update={"recovery_dir": Path(args.recovery_dir)})
     processor.run(
