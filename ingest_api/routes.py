@@ -190,6 +190,12 @@ async def _check(ping: Any, timeout_s: float = 3.0) -> str:
     return "ok"
 
 
+@router.get("/health/live")
+async def liveness() -> Response:
+    """The process answers; checks nothing else (for load balancers and restarts)."""
+    return _json(200, {"status": "ok"})
+
+
 @router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
 async def health(services: ServicesDep) -> Response:
     """Real checks of the trade store, the queue and the status store."""

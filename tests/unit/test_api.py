@@ -273,6 +273,7 @@ def test_health(api: Api) -> None:
         "status_store": "ok",
     }
     api.trades.down = True
+    assert api.client.get("/api/v1/health/live").json() == {"status": "ok"}
     reply = api.client.get("/api/v1/health")
     assert reply.status_code == 503
     assert reply.json()["status"] == "degraded"
@@ -286,6 +287,7 @@ def test_openapi_documents_every_route(api: Api) -> None:
         "/api/v1/trades/{trade_id}",
         "/api/v1/requests/{request_id}",
         "/api/v1/health",
+        "/api/v1/health/live",
     }
 
 
