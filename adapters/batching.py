@@ -1,20 +1,26 @@
-"""Turns many small writes into few batched ones without making any caller wait longer
-than one round trip: a writer thread takes whatever is queued (up to ``max_batch``) and
-writes it in one call, so batches grow exactly as fast as the load does."""
+"""Turns many small awaited writes into few batched ones, with one thread hand-off per
+batch rather than per item: items submitted on the event loop wait on asyncio futures;
+once per loop iteration whatever is queued goes to a writer thread as one batch, so
+batches grow exactly as fast as the load does and an idle system adds no delay."""
 
 from __future__ import annotations
 
-import queue
-import threading
+import asyncio
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+Pending = list[tuple[T, "asyncio.Future[None]"]]
 
 
 class Batcher(Generic[T]):
-    """``submit`` returns a future settled when the batch holding the item is written."""
+    """``await submit(item)`` returns once the batch holding ``item`` is written.
+
+    At most ``writers`` batches are written at a time (1 for a single-writer store such as
+    SQLite); a failed write fails every item of its batch.
+    """
 
     def __init__(
         self,
@@ -26,49 +32,44 @@ class Batcher(Generic[T]):
     ) -> None:
         self._write = write
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[tuple[T, Future[None]] | None] = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
-            for i in range(writers)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._writers = writers
+        self._executor = ThreadPoolExecutor(max_workers=writers, thread_name_prefix=name)
+        self._queued: Pending[T] = []
+        self._in_flight = 0
+        self._scheduled = False
 
-    def submit(self, item: T) -> Future[None]:
-        done: Future[None] = Future()
-        self._queue.put((item, done))
-        return done
+    async def submit(self, item: T) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._queued.append((item, done))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush, loop)
+        await done
 
-    def _take(self) -> list[tuple[T, Future[None]]] | None:
-        first = self._queue.get()
-        if first is None:
-            return None
-        batch = [first]
-        while len(batch) < self._max_batch:
-            try:
-                nxt = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if nxt is None:
-                self._queue.put(None)  # leave the stop signal for the next take
-                break
-            batch.append(nxt)
-        return batch
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._scheduled = False
+        while self._queued and self._in_flight < self._writers:
+            batch = self._queued[: self._max_batch]
+            del self._queued[: self._max_batch]
+            self._in_flight += 1
+            written = loop.run_in_executor(self._executor, self._write, [i for i, _ in batch])
+            written.add_done_callback(partial(self._settle, loop, batch))
 
-    def _run(self) -> None:
-        while (batch := self._take()) is not None:
-            try:
-                self._write([item for item, _ in batch])
-            except Exception as exc:
-                for _, done in batch:
-                    done.set_exception(exc)
+    def _settle(
+        self, loop: asyncio.AbstractEventLoop, batch: Pending[T], written: asyncio.Future[None]
+    ) -> None:
+        self._in_flight -= 1
+        error = written.exception()
+        for _, done in batch:
+            if done.done():  # the caller was cancelled
                 continue
-            for _, done in batch:
+            if error is None:
                 done.set_result(None)
+            else:
+                done.set_exception(error)
+        if self._queued:
+            self._flush(loop)
 
     def close(self) -> None:
-        """Write what is queued, then stop the writer threads."""
-        for _ in self._threads:
-            self._queue.put(None)
-        for thread in self._threads:
-            thread.join(timeout=10)
+        self._executor.shutdown(wait=True)

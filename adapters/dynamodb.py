@@ -175,8 +175,7 @@ class DynamoStatusStore:
             self._pending = Batcher(
                 self._writer.put_all, max_batch=BATCH, writers=4, name="pending"
             )
-        item = _item(status, self._expires_at(status.created_at))
-        await asyncio.wrap_future(self._pending.submit(item))
+        await self._pending.submit(_item(status, self._expires_at(status.created_at)))
 
     async def withdraw(self, request_id: str) -> None:
         try:

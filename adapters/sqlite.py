@@ -13,7 +13,6 @@ import sqlite3
 import threading
 import zlib
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -52,21 +51,23 @@ def write_all(conn: sqlite3.Connection, sql: str, rows: Sequence[Params], what: 
 
 
 class GroupCommit:
-    """Group commit: callers wait on a future; one writer thread commits what is queued."""
+    """Group commit: awaiting callers share one transaction per batch on one writer thread."""
 
     def __init__(self, path: Path, sql: str, max_batch: int = 1000) -> None:
         self._path = path
         self._sql = sql
         self._conn: sqlite3.Connection | None = None
-        self._batcher = Batcher(self._commit, max_batch=max_batch, name=f"commit-{path.stem}")
+        self._batcher: Batcher[Params] = Batcher(
+            self._commit, max_batch=max_batch, name=f"commit-{path.stem}"
+        )
 
     def _commit(self, rows: list[Params]) -> None:
         if self._conn is None:  # only ever touched by the single writer thread
             self._conn = connect(self._path)
         write_all(self._conn, self._sql, rows, self._path.name)
 
-    def submit(self, row: Params) -> Future[None]:
-        return self._batcher.submit(row)
+    async def submit(self, row: Params) -> None:
+        await self._batcher.submit(row)
 
     def close(self) -> None:
         self._batcher.close()
@@ -139,7 +140,7 @@ class SqliteStatusStore:
             status.updated_at.isoformat(),
             self._expires(at),
         )
-        await asyncio.wrap_future(self._pending.submit(row))
+        await self._pending.submit(row)
 
     async def withdraw(self, request_id: str) -> None:
         await asyncio.to_thread(
@@ -282,11 +283,11 @@ class SqliteInboundLog:
             encode_headers(headers),
         )
 
-    def append(self, message: TradeMessage) -> Future[None]:
-        """Queue one message for the next group commit; the future resolves once durable."""
+    async def append(self, message: TradeMessage) -> None:
+        """Append one message; returns once its group commit is durable."""
         if self._appender is None:
             self._appender = GroupCommit(self.path, APPEND)
-        return self._appender.submit(self._row(message))
+        await self._appender.submit(self._row(message))
 
     def append_many(self, messages: Iterable[TradeMessage]) -> int:
         """Bulk load in one transaction (backfills, benchmarks); returns the count."""
@@ -336,7 +337,7 @@ class SqliteTradeQueue:
         self._log = log
 
     async def publish(self, message: TradeMessage) -> None:
-        await asyncio.wrap_future(self._log.append(message))
+        await self._log.append(message)
 
     def ping(self) -> None:
         try:
