@@ -173,7 +173,11 @@ class DynamoStatusStore:
     async def put_pending(self, status: RequestStatus) -> None:
         if self._pending is None:
             self._pending = Batcher(
-                self._writer.put_all, max_batch=BATCH, writers=4, name="pending"
+                # One call in flight: requests arriving meanwhile share the next batch.
+                self._writer.put_all,
+                max_batch=BATCH,
+                writers=1,
+                name="pending",
             )
         await self._pending.submit(_item(status, self._expires_at(status.created_at)))
 

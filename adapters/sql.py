@@ -61,6 +61,21 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# SQLSTATE classes worth waiting out: connection exception, insufficient resources,
+# operator intervention (e.g. admin shutdown), transaction rollback (deadlock, serialization).
+TRANSIENT_SQLSTATE_CLASSES = {"08", "53", "57", "40"}
+
+
+def transient(exc: DBAPIError) -> bool:
+    """An outage to retry, as opposed to a bug or bad data that retrying cannot fix."""
+    if exc.connection_invalidated:
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate is None:  # psycopg could not talk to the server at all; SQLite: locked/busy
+        return isinstance(exc, OperationalError)
+    return str(sqlstate)[:2] in TRANSIENT_SQLSTATE_CLASSES
+
+
 def as_utc(moment: datetime) -> datetime:
     """SQLite hands timestamps back naive; every timestamp we write is UTC."""
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
@@ -108,11 +123,9 @@ class SqlTradeStore:
         try:
             with self._engine.begin() as conn:
                 yield conn
-        except OperationalError as exc:
-            raise Unavailable(f"trade store unavailable: {exc.orig or exc}") from exc
         except DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise Unavailable(f"trade store connection lost: {exc.orig or exc}") from exc
+            if transient(exc):
+                raise Unavailable(f"trade store unavailable: {exc.orig or exc}") from exc
             raise
 
     def _run(self, fn: Callable[[Connection], T]) -> T:

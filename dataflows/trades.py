@@ -45,6 +45,10 @@ def _header(record: RawRecord, name: str) -> str | None:
 def decode_record(record: RawRecord) -> TradeMessage | DeadLetter:
     """Parse a queued record; anything unusable becomes a dead letter, never an exception."""
     try:
+        return decode(record.value)
+    except UndecodableMessage:
+        pass
+    try:  # only an unusable body needs the headers, to name its request
         return decode(record.value, _header(record, "request_id"))
     except UndecodableMessage as exc:
         letter = DeadLetter(

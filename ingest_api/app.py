@@ -9,6 +9,7 @@ import structlog
 from fastapi import FastAPI
 
 from adapters.wiring import Services, api_services
+from config.logs import configure_logging
 from config.settings import Settings, get_settings
 from ingest_api import problems
 from ingest_api.middleware import BodyLimitMiddleware, CorrelationMiddleware
@@ -23,6 +24,8 @@ def create_app(
 ) -> FastAPI:
     """Build the app; ``services`` makes the adapters at startup and they close at shutdown."""
     settings = settings or get_settings()
+    # Also in uvicorn's worker processes, which never run our CLI's set-up.
+    configure_logging(settings.log_level, settings.log_format)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -1,0 +1,1 @@
+"""The project's benchmark harness (issue #4): see bench/README.md."""

@@ -1,0 +1,733 @@
+"""The two deployment profiles as the harness sees them.
+
+A *stage* is one isolated set of the three stores (queue, trade store, status store) that a
+phase of the run owns, created the way a user would (``trade-store migrate``) and dropped at
+the end:
+
+* services: its own Kafka topics, its own DynamoDB table, and its own PostgreSQL *schema* in
+  the ``trade_store`` database (selected with ``search_path`` in the database URL, so the
+  migration, its version-guard trigger and the app all land there);
+* embedded: its own data directory (trades.db, status.db, inbound.db).
+
+Besides the environment for the app's processes, a stage knows how to preload its queue,
+seed and read its trade store, read statuses in bulk, and write the *storage ceiling*: the
+same rows and statuses straight into the same kind of store, no framework.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from bench.stack import APP_ROOT, ROOT, log
+
+PG_URL = "postgresql+psycopg://trade_store:trade_store@127.0.0.1:55432/trade_store"
+KAFKA = "127.0.0.1:9092"
+DYNAMO = "http://127.0.0.1:4567"
+SERVICES = ["postgres", "kafka", "dynalite"]
+TTL_DAYS = 7
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+@dataclass
+class TerminalRow:
+    """One request's final state, as the ceiling writes it and the check expects it."""
+
+    request_id: str
+    trade_id: str
+    version: int
+    state: str
+    reason_code: str | None
+    failure_reason: str | None
+    created_at: datetime
+
+
+@dataclass
+class TradeRow:
+    trade_id: str
+    version: int
+    counterparty_id: str
+    book_id: str
+    maturity_date: Any
+    created_date: Any
+
+
+class Stage:
+    """Common part: environment, migration, SQL access to the trade store."""
+
+    profile = ""
+
+    def __init__(self, run_id: str, label: str, workdir: Path) -> None:
+        self.run_id = run_id
+        self.label = label
+        self.dir = workdir / label
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.env: dict[str, str] = {}
+        self._engine: Any = None
+
+    # -- environment and settings ------------------------------------------------------
+    def base_env(self, extra: dict[str, str]) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRADE_STORE_")}
+        env.setdefault("AWS_ACCESS_KEY_ID", "local")
+        env.setdefault("AWS_SECRET_ACCESS_KEY", "local")
+        env.update(
+            {
+                "TRADE_STORE_PROFILE": self.profile,
+                "TRADE_STORE_DATA_DIR": str(self.dir / "data"),
+                "TRADE_STORE_RECOVERY_DIR": str(self.dir / "recovery"),
+                "TRADE_STORE_LOG_FORMAT": "json",
+                "PYTHONUNBUFFERED": "1",
+                **extra,
+            }
+        )
+        return env
+
+    def settings(self) -> Any:
+        from config.settings import Settings
+
+        fields = {
+            k.removeprefix("TRADE_STORE_").lower(): v
+            for k, v in self.env.items()
+            if k.startswith("TRADE_STORE_")
+        }
+        known = set(Settings.model_fields)
+        return Settings(**{k: v for k, v in fields.items() if k in known})
+
+    def migrate(self) -> None:
+        """``trade-store migrate``, the way a user prepares the stores."""
+        out = subprocess.run(
+            [sys.executable, "-m", "cli.main", "migrate"],
+            cwd=APP_ROOT[0],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"trade-store migrate failed:\n{out.stdout}\n{out.stderr}")
+        from adapters import wiring
+
+        wiring.create_topics(self.settings())
+
+    def prepare(self) -> None:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        raise NotImplementedError
+
+    # -- the trade store over SQLAlchemy (both profiles) ---------------------------------
+    def sql_url(self) -> str:
+        raise NotImplementedError
+
+    def engine(self) -> Any:
+        if self._engine is None:
+            from sqlalchemy import create_engine
+
+            self._engine = create_engine(self.sql_url(), pool_size=2)
+        return self._engine
+
+    def scalar(self, sql: str, **params: Any) -> Any:
+        from sqlalchemy import text
+
+        with self.engine().connect() as conn:
+            return conn.execute(text(sql), params).scalar()
+
+    def rows(self, sql: str, **params: Any) -> list[Any]:
+        from sqlalchemy import bindparam, text
+
+        stmt = text(sql)
+        for name, value in params.items():
+            if isinstance(value, list | tuple):
+                stmt = stmt.bindparams(bindparam(name, expanding=True))
+        with self.engine().connect() as conn:
+            return list(conn.execute(stmt, params))
+
+    def seed(self, rows: Sequence[TradeRow]) -> None:
+        """Trades that exist before the run (the app's own table definition, plain inserts)."""
+        from sqlalchemy import insert
+
+        from adapters.tables import trades
+
+        # One transaction per chunk: the PostgreSQL guard trigger takes an advisory lock per
+        # row, held to commit, and the lock table is finite (max_locks_per_transaction).
+        for chunk in _chunks(rows, 1000):
+            with self.engine().begin() as conn:
+                conn.execute(
+                    insert(trades),
+                    [
+                        {
+                            "trade_id": r.trade_id,
+                            "version": r.version,
+                            "counterparty_id": r.counterparty_id,
+                            "book_id": r.book_id,
+                            "maturity_date": r.maturity_date,
+                            "created_date": r.created_date,
+                            "expired": False,
+                        }
+                        for r in chunk
+                    ],
+                )
+
+    def decided(self) -> int:
+        return int(self.scalar("SELECT count(*) FROM request_outcomes"))
+
+    def dispose(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    # -- profile specifics -------------------------------------------------------------
+    def preload(self, messages: Sequence[Any], progress: Callable[[int], None]) -> None:
+        raise NotImplementedError
+
+    def statuses(self, request_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """request_id → (status, updated_at) for those that exist."""
+        raise NotImplementedError
+
+    def ceiling(
+        self, batches: Sequence[tuple[Sequence[TradeRow], Sequence[TerminalRow]]]
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+# =====================================================================================
+# services: Kafka + PostgreSQL + DynamoDB (dynalite locally)
+# =====================================================================================
+
+
+def dynamo_client() -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "dynamodb",
+        endpoint_url=DYNAMO,
+        region_name="us-east-1",
+        aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID", "local"),
+        aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", "local"),
+        config=Config(max_pool_connections=16, retries={"mode": "standard", "max_attempts": 5}),
+    )
+
+
+def _status_item(t: TerminalRow, now: datetime) -> dict[str, Any]:
+    """The same attributes the app's DynamoDB status store writes for a terminal status."""
+    item: dict[str, Any] = {
+        "request_id": {"S": t.request_id},
+        "status": {"S": t.state},
+        "trade_id": {"S": t.trade_id},
+        "version": {"N": str(t.version)},
+        "created_at": {"S": t.created_at.isoformat()},
+        "updated_at": {"S": now.isoformat()},
+        "expires_at": {"N": str(int((now + timedelta(days=TTL_DAYS)).timestamp()))},
+    }
+    if t.reason_code:
+        item["reason_code"] = {"S": t.reason_code}
+    if t.failure_reason:
+        item["failure_reason"] = {"S": t.failure_reason}
+    return item
+
+
+class LeanBatchWriter:
+    """BatchWriteItem without boto3's model-driven serializer: one orjson body, signed with
+    botocore's SigV4 over a pooled HTTP session. The ceiling's client must be at least as
+    cheap as the app's, or the ceiling would measure the client instead of the store."""
+
+    def __init__(self, client: Any, table: str) -> None:
+        self.table = table
+        self.url = client.meta.endpoint_url
+        self.region = client.meta.region_name
+        self.credentials = client._request_signer._credentials.get_frozen_credentials()
+        self.http = client._endpoint.http_session
+
+    def put(self, items: list[dict[str, Any]]) -> None:
+        import orjson
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+
+        requests = [{"PutRequest": {"Item": item}} for item in items]
+        while requests:
+            request = AWSRequest(
+                method="POST",
+                url=self.url,
+                data=orjson.dumps({"RequestItems": {self.table: requests}}),
+                headers={
+                    "Content-Type": "application/x-amz-json-1.0",
+                    "X-Amz-Target": "DynamoDB_20120810.BatchWriteItem",
+                },
+            )
+            SigV4Auth(self.credentials, "dynamodb", self.region).add_auth(request)
+            reply = self.http.send(request.prepare())
+            body = orjson.loads(reply.content) if reply.content else {}
+            if reply.status_code != 200:
+                raise RuntimeError(f"BatchWriteItem: {reply.status_code} {body}")
+            requests = body.get("UnprocessedItems", {}).get(self.table, [])
+
+
+class ServicesStage(Stage):
+    profile = "services"
+
+    def __init__(self, run_id: str, label: str, workdir: Path) -> None:
+        super().__init__(run_id, label, workdir)
+        self.schema = f"bench_{run_id}_{label}".replace("-", "_")
+        self.topic = f"bench-{run_id}-{label}-inbound"
+        self.dlq = f"bench-{run_id}-{label}-dlq"
+        self.table = f"bench-{run_id}-{label}-requests"
+        self.url = f"{PG_URL}?options=-csearch_path%3D{self.schema}"
+        self.env = self.base_env(
+            {
+                "TRADE_STORE_DATABASE_URL": self.url,
+                "TRADE_STORE_KAFKA_BOOTSTRAP_SERVERS": KAFKA,
+                "TRADE_STORE_INBOUND_TOPIC": self.topic,
+                "TRADE_STORE_DLQ_TOPIC": self.dlq,
+                "TRADE_STORE_DYNAMODB_ENDPOINT_URL": DYNAMO,
+                "TRADE_STORE_STATUS_TABLE": self.table,
+            }
+        )
+        self._dynamo: Any = None
+        self.prepared = False
+
+    def sql_url(self) -> str:
+        return self.url
+
+    def pg(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(
+            "postgresql://trade_store:trade_store@127.0.0.1:55432/trade_store",
+            options=f"-csearch_path={self.schema}",
+        )
+
+    def dynamo(self) -> Any:
+        if self._dynamo is None:
+            self._dynamo = dynamo_client()
+        return self._dynamo
+
+    def prepare(self) -> None:
+        with self.pg() as conn:
+            conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+        self.prepared = True
+        self.migrate()
+
+    def cleanup(self) -> None:
+        self.dispose()
+        if not self.prepared:
+            return
+        try:
+            from confluent_kafka.admin import AdminClient
+
+            admin = AdminClient({"bootstrap.servers": KAFKA})
+            for fut in admin.delete_topics([self.topic, self.dlq], request_timeout=15).values():
+                with contextlib.suppress(Exception):  # a topic that was never created
+                    fut.result(timeout=20)
+        except Exception as exc:
+            log(f"cleanup: topics of {self.label}: {exc}")
+        try:
+            self.dynamo().delete_table(TableName=self.table)
+        except Exception as exc:
+            if "ResourceNotFound" not in str(exc):
+                log(f"cleanup: table {self.table}: {exc}")
+        try:
+            with self.pg() as conn:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
+        except Exception as exc:
+            log(f"cleanup: schema {self.schema}: {exc}")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def preload(self, messages: Sequence[Any], progress: Callable[[int], None]) -> None:
+        """A raw acks=all idempotent producer, keyed and headed exactly like the API's."""
+        from confluent_kafka import Producer
+
+        from adapters.kafka import headers_of
+        from domain.message import encode
+
+        producer = Producer(
+            {
+                "bootstrap.servers": KAFKA,
+                "acks": "all",
+                "enable.idempotence": True,
+                "linger.ms": 20,
+                "batch.num.messages": 10000,
+                "queue.buffering.max.messages": 500000,
+                "compression.type": "lz4",
+            }
+        )
+        failed: list[str] = []
+
+        def on_delivery(err: Any, _msg: Any) -> None:
+            if err is not None:
+                failed.append(str(err))
+
+        for i, message in enumerate(messages, 1):
+            while True:
+                try:
+                    producer.produce(
+                        self.topic,
+                        key=message.trade.trade_id.encode(),
+                        value=encode(message),
+                        headers=headers_of(message),
+                        on_delivery=on_delivery,
+                    )
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            if i % 20000 == 0:
+                producer.poll(0)
+                progress(i)
+        if producer.flush(60) != 0 or failed:
+            raise RuntimeError(f"preload: {len(failed)} messages not acknowledged {failed[:3]}")
+        if len(messages) % 20000:
+            progress(len(messages))
+
+    def statuses(self, request_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        client = self.dynamo()
+
+        def get(chunk: Sequence[str]) -> dict[str, tuple[str, str]]:
+            found: dict[str, tuple[str, str]] = {}
+            keys: list[dict[str, Any]] = [{"request_id": {"S": rid}} for rid in chunk]
+            while keys:
+                reply = client.batch_get_item(
+                    RequestItems={
+                        self.table: {
+                            "Keys": keys,
+                            "ConsistentRead": True,
+                            "ProjectionExpression": "request_id, #s, updated_at",
+                            "ExpressionAttributeNames": {"#s": "status"},
+                        }
+                    }
+                )
+                for item in reply["Responses"].get(self.table, []):
+                    found[item["request_id"]["S"]] = (
+                        item["status"]["S"],
+                        item["updated_at"]["S"],
+                    )
+                keys = reply.get("UnprocessedKeys", {}).get(self.table, {}).get("Keys", [])
+            return found
+
+        out: dict[str, tuple[str, str]] = {}
+        with ThreadPoolExecutor(4) as pool:
+            for part in pool.map(get, list(_chunks(request_ids, 100))):
+                out.update(part)
+        return out
+
+    def ceiling(
+        self, batches: Sequence[tuple[Sequence[TradeRow], Sequence[TerminalRow]]]
+    ) -> dict[str, Any]:
+        """Per batch: COPY → temp table → one INSERT … ON CONFLICT for trades (the same
+        guard trigger fires) and one for the decision log, one commit; then the batch's
+        statuses as BatchWriteItem of 25 on a thread pool, overlapping the next batch."""
+        from config.clock import utc_now
+
+        writer = LeanBatchWriter(self.dynamo(), self.table)
+        pg_time = 0.0
+        status_time: list[float] = []
+
+        def write_statuses(rows: Sequence[TerminalRow]) -> None:
+            t0 = time.perf_counter()
+            now = utc_now()
+            writer.put([_status_item(r, now) for r in rows])
+            status_time.append(time.perf_counter() - t0)
+
+        pending: list[Future[None]] = []
+        started = time.perf_counter()
+        with self.pg() as conn, ThreadPoolExecutor(8) as pool:
+            conn.execute(
+                "CREATE TEMP TABLE bench_trades (trade_id text, version int, counterparty_id"
+                " text, book_id text, maturity_date date, created_date date)"
+                " ON COMMIT DELETE ROWS"
+            )
+            conn.execute(
+                "CREATE TEMP TABLE bench_outcomes (request_id text, trade_id text, version int,"
+                " state text, reason_code text, failure_reason text) ON COMMIT DELETE ROWS"
+            )
+            conn.commit()
+            for trade_rows, terminal in batches:
+                t0 = time.perf_counter()
+                with conn.cursor() as cur:
+                    with cur.copy(
+                        "COPY bench_trades (trade_id, version, counterparty_id, book_id,"
+                        " maturity_date, created_date) FROM STDIN"
+                    ) as copy:
+                        for r in trade_rows:
+                            copy.write_row(
+                                (
+                                    r.trade_id,
+                                    r.version,
+                                    r.counterparty_id,
+                                    r.book_id,
+                                    r.maturity_date,
+                                    r.created_date,
+                                )
+                            )
+                    cur.execute(
+                        "INSERT INTO trades (trade_id, version, counterparty_id, book_id,"
+                        " maturity_date, created_date, expired)"
+                        " SELECT trade_id, version, counterparty_id, book_id, maturity_date,"
+                        " created_date, false FROM bench_trades ORDER BY trade_id, version"
+                        " ON CONFLICT (trade_id, version) DO UPDATE SET"
+                        " counterparty_id = excluded.counterparty_id,"
+                        " book_id = excluded.book_id, maturity_date = excluded.maturity_date,"
+                        " created_date = excluded.created_date, expired = excluded.expired,"
+                        " updated_at = now()"
+                    )
+                    with cur.copy(
+                        "COPY bench_outcomes (request_id, trade_id, version, state,"
+                        " reason_code, failure_reason) FROM STDIN"
+                    ) as copy:
+                        for t in terminal:
+                            copy.write_row(
+                                (
+                                    t.request_id,
+                                    t.trade_id,
+                                    t.version,
+                                    t.state,
+                                    t.reason_code,
+                                    t.failure_reason,
+                                )
+                            )
+                    cur.execute(
+                        "INSERT INTO request_outcomes (request_id, trade_id, version, state,"
+                        " reason_code, failure_reason) SELECT * FROM bench_outcomes"
+                        " ON CONFLICT (request_id) DO NOTHING"
+                    )
+                conn.commit()
+                pg_time += time.perf_counter() - t0
+                # Statuses only after the rows are committed, as the app must.
+                pending.extend(pool.submit(write_statuses, c) for c in _chunks(terminal, 25))
+            for fut in pending:
+                fut.result()
+        wall = time.perf_counter() - started
+        return {
+            "method": "PostgreSQL COPY→temp→INSERT…ON CONFLICT per batch (guard trigger on);"
+            " DynamoDB BatchWriteItem×25 (orjson body, SigV4) on 8 threads, overlapped",
+            "wall_s": wall,
+            "trade_store_busy_s": round(pg_time, 3),
+            "status_store_busy_s": round(sum(status_time), 3),
+        }
+
+
+# =====================================================================================
+# embedded: SQLite files under a data directory
+# =====================================================================================
+
+
+def sqlite_connect(path: Path) -> sqlite3.Connection:
+    """The app's SQLite settings: WAL, synchronous=FULL."""
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+COMPLETE_SQL = """
+INSERT INTO request_status (request_id, status, trade_id, version, created_at, updated_at,
+                            reason_code, failure_reason, expires_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (request_id) DO UPDATE SET
+    status = excluded.status, updated_at = excluded.updated_at,
+    reason_code = excluded.reason_code, failure_reason = excluded.failure_reason,
+    expires_at = excluded.expires_at
+WHERE request_status.status = 'PENDING'
+"""
+
+
+class EmbeddedStage(Stage):
+    profile = "embedded"
+
+    def __init__(self, run_id: str, label: str, workdir: Path) -> None:
+        super().__init__(run_id, label, workdir)
+        self.data = self.dir / "data"
+        self.env = self.base_env({})
+
+    def sql_url(self) -> str:
+        return f"sqlite:///{self.data / 'trades.db'}"
+
+    def prepare(self) -> None:
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.migrate()
+
+    def cleanup(self) -> None:
+        self.dispose()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def preload(self, messages: Sequence[Any], progress: Callable[[int], None]) -> None:
+        """The inbound log's own bulk append (adapters.sqlite.SqliteInboundLog.append_many)."""
+        from adapters import wiring
+
+        inbound = wiring.inbound_log(self.settings())
+        done = 0
+        for chunk in _chunks(messages, 20000):
+            done += inbound.append_many(chunk)
+            progress(done)
+        inbound.close()
+
+    def statuses(self, request_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        conn = sqlite_connect(self.data / "status.db")
+        out: dict[str, tuple[str, str]] = {}
+        try:
+            for chunk in _chunks(request_ids, 500):
+                marks = ",".join("?" * len(chunk))
+                for rid, status, updated in conn.execute(
+                    "SELECT request_id, status, updated_at FROM request_status"  # noqa: S608
+                    f" WHERE request_id IN ({marks})",
+                    list(chunk),
+                ):
+                    out[rid] = (status, updated)
+        finally:
+            conn.close()
+        return out
+
+    def ceiling(
+        self, batches: Sequence[tuple[Sequence[TradeRow], Sequence[TerminalRow]]]
+    ) -> dict[str, Any]:
+        """Per batch: one transaction of executemany upserts into trades.db (guard trigger
+        on) and the decision log; the statuses in one transaction into status.db on a
+        second thread (another file, so it overlaps)."""
+        from config.clock import utc_now
+
+        trades_db = sqlite_connect(self.data / "trades.db")
+        status_db = sqlite_connect(self.data / "status.db")
+        trade_time = 0.0
+        status_time: list[float] = []
+
+        def write_statuses(rows: Sequence[TerminalRow]) -> None:
+            t0 = time.perf_counter()
+            now = utc_now()
+            expires = int((now + timedelta(days=TTL_DAYS)).timestamp())
+            status_db.execute("BEGIN IMMEDIATE")
+            status_db.executemany(
+                COMPLETE_SQL,
+                [
+                    (
+                        r.request_id,
+                        r.state,
+                        r.trade_id,
+                        r.version,
+                        r.created_at.isoformat(),
+                        now.isoformat(),
+                        r.reason_code,
+                        r.failure_reason,
+                        expires,
+                    )
+                    for r in rows
+                ],
+            )
+            status_db.execute("COMMIT")
+            status_time.append(time.perf_counter() - t0)
+
+        started = time.perf_counter()
+        pending: list[Future[None]] = []
+        with ThreadPoolExecutor(1) as pool:
+            for trade_rows, terminal in batches:
+                t0 = time.perf_counter()
+                trades_db.execute("BEGIN IMMEDIATE")
+                trades_db.executemany(
+                    "INSERT INTO trades (trade_id, version, counterparty_id, book_id,"
+                    " maturity_date, created_date, expired, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, 0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                    " ON CONFLICT (trade_id, version) DO UPDATE SET"
+                    " counterparty_id = excluded.counterparty_id, book_id = excluded.book_id,"
+                    " maturity_date = excluded.maturity_date,"
+                    " created_date = excluded.created_date, expired = excluded.expired,"
+                    " updated_at = CURRENT_TIMESTAMP",
+                    [
+                        (
+                            r.trade_id,
+                            r.version,
+                            r.counterparty_id,
+                            r.book_id,
+                            r.maturity_date.isoformat(),
+                            r.created_date.isoformat(),
+                        )
+                        for r in trade_rows
+                    ],
+                )
+                trades_db.executemany(
+                    "INSERT INTO request_outcomes (request_id, trade_id, version, state,"
+                    " reason_code, failure_reason, decided_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, CURRENT_TIMESTAMP)"
+                    " ON CONFLICT (request_id) DO NOTHING",
+                    [
+                        (
+                            t.request_id,
+                            t.trade_id,
+                            t.version,
+                            t.state,
+                            t.reason_code,
+                            t.failure_reason,
+                        )
+                        for t in terminal
+                    ],
+                )
+                trades_db.execute("COMMIT")
+                trade_time += time.perf_counter() - t0
+                pending.append(pool.submit(write_statuses, terminal))
+            for fut in pending:
+                fut.result()
+        wall = time.perf_counter() - started
+        trades_db.close()
+        status_db.close()
+        return {
+            "method": "SQLite executemany upsert per batch in one transaction (guard trigger"
+            " on, WAL, synchronous=FULL); statuses one transaction per batch on a 2nd thread",
+            "wall_s": wall,
+            "trade_store_busy_s": round(trade_time, 3),
+            "status_store_busy_s": round(sum(status_time), 3),
+        }
+
+
+def new_stage(profile: str, run_id: str, label: str, workdir: Path) -> Stage:
+    cls = ServicesStage if profile == "services" else EmbeddedStage
+    return cls(run_id, label, workdir)
+
+
+def services_up() -> list[str]:
+    """Start the services the services profile needs; return those that were down."""
+    script = ROOT / "scripts" / "services"
+
+    def is_down(name: str) -> bool:
+        return (
+            subprocess.run(  # noqa: S603
+                [str(script), "status", name], capture_output=True, check=False
+            ).returncode
+            != 0
+        )
+
+    # Only what is down twice, a second apart, counts as ours to start (and to stop at the
+    # end): a busy service that misses one status probe must not be stopped by this run.
+    down = [name for name in SERVICES if is_down(name)]
+    if down:
+        time.sleep(1.0)
+        down = [name for name in down if is_down(name)]
+    if down:
+        log(f"starting services: {' '.join(down)} (scripts/services up)")
+        subprocess.run(  # noqa: S603
+            [str(script), "up", *down], check=True, stdout=subprocess.DEVNULL
+        )
+    return down
+
+
+def services_down(names: list[str]) -> None:
+    if names:
+        log(f"stopping the services this run started: {' '.join(names)}")
+        subprocess.run(  # noqa: S603
+            [str(ROOT / "scripts" / "services"), "down", *names],
+            check=False,
+            stdout=subprocess.DEVNULL,
+        )
