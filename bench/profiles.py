@@ -535,18 +535,6 @@ def sqlite_connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-COMPLETE_SQL = """
-INSERT INTO request_status (request_id, status, trade_id, version, created_at, updated_at,
-                            reason_code, failure_reason, expires_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (request_id) DO UPDATE SET
-    status = excluded.status, updated_at = excluded.updated_at,
-    reason_code = excluded.reason_code, failure_reason = excluded.failure_reason,
-    expires_at = excluded.expires_at
-WHERE request_status.status = 'PENDING'
-"""
-
-
 class EmbeddedStage(Stage):
     profile = "embedded"
 
@@ -602,6 +590,8 @@ class EmbeddedStage(Stage):
         from config.clock import utc_now
 
         trades_db = sqlite_connect(self.data / "trades.db")
+        from adapters.sqlite import COMPLETE  # the sink's own statement: a like-for-like ceiling
+
         status_db = sqlite_connect(self.data / "status.db")
         trade_time = 0.0
         status_time: list[float] = []
@@ -612,7 +602,7 @@ class EmbeddedStage(Stage):
             expires = int((now + timedelta(days=TTL_DAYS)).timestamp())
             status_db.execute("BEGIN IMMEDIATE")
             status_db.executemany(
-                COMPLETE_SQL,
+                COMPLETE,
                 [
                     (
                         r.request_id,
