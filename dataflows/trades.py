@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import structlog
 from bytewax import operators as op
@@ -68,7 +69,8 @@ def decode_record(record: RawRecord) -> TradeMessage | DeadLetter:
         return letter
 
 
-def is_message(item: TradeMessage | DeadLetter) -> bool:
+def is_message(item: TradeMessage | DeadLetter) -> TypeGuard[TradeMessage]:
+    """Typed, so the branch's ``trues`` stream is known to hold only messages."""
     return isinstance(item, TradeMessage)
 
 
@@ -97,8 +99,7 @@ class HeadLookup:
         self._factory = trades
         self._store: TradeStore | None = None
 
-    def __call__(self, batch: list[TradeMessage | DeadLetter]) -> list[WithHead]:
-        messages = [m for m in batch if isinstance(m, TradeMessage)]
+    def __call__(self, messages: list[TradeMessage]) -> list[WithHead]:
         if self._store is None:
             self._store = self._factory()
         store = self._store
