@@ -1,15 +1,13 @@
-"""Turns many small awaited writes into few batched ones, with one thread hand-off per
-batch rather than per item: items submitted on the event loop wait on asyncio futures;
-once per loop iteration whatever is queued goes to a writer thread as one batch, so
-batches grow exactly as fast as the load does and an idle system adds no delay."""
+"""Turns many small awaited writes into few batched ones: items submitted on the event loop
+wait on asyncio futures; once per loop iteration whatever is queued is written as one
+batch, so batches grow exactly as fast as the load does and an idle system adds no delay."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Coroutine
 from functools import partial
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 Pending = list[tuple[T, "asyncio.Future[None]"]]
@@ -19,21 +17,20 @@ class Batcher(Generic[T]):
     """``await submit(item)`` returns once the batch holding ``item`` is written.
 
     At most ``writers`` batches are written at a time (1 for a single-writer store such as
-    SQLite); a failed write fails every item of its batch.
+    SQLite, and to let batches fill while one is in flight); a failed write fails every
+    item of its batch.
     """
 
     def __init__(
         self,
-        write: Callable[[list[T]], None],
+        write: Callable[[list[T]], Coroutine[Any, Any, None]],
         *,
         max_batch: int,
         writers: int = 1,
-        name: str = "batcher",
     ) -> None:
         self._write = write
         self._max_batch = max_batch
         self._writers = writers
-        self._executor = ThreadPoolExecutor(max_workers=writers, thread_name_prefix=name)
         self._queued: Pending[T] = []
         self._in_flight = 0
         self._scheduled = False
@@ -53,11 +50,11 @@ class Batcher(Generic[T]):
             batch = self._queued[: self._max_batch]
             del self._queued[: self._max_batch]
             self._in_flight += 1
-            written = loop.run_in_executor(self._executor, self._write, [i for i, _ in batch])
+            written = loop.create_task(self._write([i for i, _ in batch]))
             written.add_done_callback(partial(self._settle, loop, batch))
 
     def _settle(
-        self, loop: asyncio.AbstractEventLoop, batch: Pending[T], written: asyncio.Future[None]
+        self, loop: asyncio.AbstractEventLoop, batch: Pending[T], written: asyncio.Task[None]
     ) -> None:
         self._in_flight -= 1
         error = written.exception()
@@ -70,6 +67,3 @@ class Batcher(Generic[T]):
                 done.set_exception(error)
         if self._queued:
             self._flush(loop)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from functools import partial
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -27,6 +29,16 @@ def producer_config(bootstrap: str, timeout_ms: int, linger_ms: int) -> dict[str
     }
 
 
+def _settle(reports: list[tuple[asyncio.Future[None], KafkaError | None]]) -> None:
+    for acked, err in reports:
+        if acked.done():  # the caller was cancelled
+            continue
+        if err is None:
+            acked.set_result(None)
+        else:
+            acked.set_exception(Unavailable(f"queue did not acknowledge: {err.str()}"))
+
+
 def headers_of(message: TradeMessage) -> list[tuple[str, str | bytes | None]]:
     return [
         ("request_id", message.request_id.encode()),
@@ -35,50 +47,54 @@ def headers_of(message: TradeMessage) -> list[tuple[str, str | bytes | None]]:
 
 
 class KafkaTradeQueue:
-    """Publishes trades keyed by trade_id, so one trade's messages share a partition."""
+    """Publishes trades keyed by trade_id, so one trade's messages share a partition.
+
+    Delivery reports are served by one poll thread and handed to each event loop once per
+    ``poll()`` (one wake-up for however many reports it served), not once per message.
+    No timer per message either: librdkafka reports every message, delivered or failed,
+    within ``delivery.timeout.ms``.
+    """
 
     def __init__(self, bootstrap: str, topic: str, timeout_ms: int, linger_ms: int) -> None:
         self._topic = topic
         self._bootstrap = bootstrap
         self._timeout_s = timeout_ms / 1000
         self._producer = Producer(producer_config(bootstrap, timeout_ms, linger_ms))
+        self._reports: list[tuple[asyncio.Future[None], KafkaError | None]] = []
         self._running = True
         self._poller = threading.Thread(target=self._poll, name="kafka-poll", daemon=True)
         self._poller.start()
 
     def _poll(self) -> None:
-        while self._running:
-            self._producer.poll(0.05)
+        running = True
+        while running:
+            running = self._running  # one last round after close() has flushed
+            self._producer.poll(0.05)  # runs _delivered for each report it serves
+            if self._reports:
+                reports, self._reports = self._reports, []
+                by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+                for report in reports:
+                    by_loop.setdefault(report[0].get_loop(), []).append(report)
+                for loop, settled in by_loop.items():
+                    with contextlib.suppress(RuntimeError):  # that loop has closed
+                        loop.call_soon_threadsafe(_settle, settled)
+
+    def _delivered(self, acked: asyncio.Future[None], err: KafkaError | None, _: Message) -> None:
+        self._reports.append((acked, err))
 
     async def publish(self, message: TradeMessage) -> None:
-        loop = asyncio.get_running_loop()
-        acked: asyncio.Future[None] = loop.create_future()
-
-        def settle(fut: asyncio.Future[None], err: KafkaError | None) -> None:
-            if fut.done():
-                return
-            if err is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(Unavailable(f"queue did not acknowledge: {err.str()}"))
-
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-            loop.call_soon_threadsafe(settle, acked, err)
-
+        acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
             self._producer.produce(
                 self._topic,
                 key=message.trade.trade_id.encode(),
                 value=encode(message),
                 headers=headers_of(message),
-                on_delivery=on_delivery,
+                on_delivery=partial(self._delivered, acked),
             )
         except (BufferError, KafkaException) as exc:
             raise Unavailable(f"queue refused the message: {exc}") from exc
-        try:
-            await asyncio.wait_for(acked, self._timeout_s + 1)
-        except TimeoutError as exc:
-            raise Unavailable("queue did not acknowledge in time") from exc
+        await acked
 
     def ping(self) -> None:
         try:

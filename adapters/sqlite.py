@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import zlib
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -57,11 +58,13 @@ class GroupCommit:
         self._path = path
         self._sql = sql
         self._conn: sqlite3.Connection | None = None
-        self._batcher: Batcher[Params] = Batcher(
-            self._commit, max_batch=max_batch, name=f"commit-{path.stem}"
-        )
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"commit-{path.stem}")
+        self._batcher: Batcher[Params] = Batcher(self._commit, max_batch=max_batch)
 
-    def _commit(self, rows: list[Params]) -> None:
+    async def _commit(self, rows: list[Params]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._write, rows)
+
+    def _write(self, rows: list[Params]) -> None:
         if self._conn is None:  # only ever touched by the single writer thread
             self._conn = connect(self._path)
         write_all(self._conn, self._sql, rows, self._path.name)
@@ -70,7 +73,7 @@ class GroupCommit:
         await self._batcher.submit(row)
 
     def close(self) -> None:
-        self._batcher.close()
+        self._thread.shutdown(wait=True)
 
 
 STATUS_SCHEMA = """

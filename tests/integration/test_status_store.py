@@ -16,6 +16,7 @@ from adapters.sqlite import SqliteStatusStore
 from domain.ports import StatusStore, Unavailable
 from domain.status import Outcome, RequestState, RequestStatus
 from domain.trade import ReasonCode
+from config.settings import Settings
 from tests.conftest import unique
 
 
@@ -112,3 +113,65 @@ def test_unreachable_endpoint_is_unavailable() -> None:
     store = DynamoStatusStore(make_client("http://127.0.0.1:1", "us-east-1"), "t", 7)
     with pytest.raises(Unavailable):
         store.ping()
+
+
+async def test_unreachable_endpoint_fails_pending_writes_as_unavailable() -> None:
+    store = DynamoStatusStore(make_client("http://127.0.0.1:1", "us-east-1"), "t", 7)
+    with pytest.raises(Unavailable):
+        await store.put_pending(pending(unique("r")))
+    store.close()
+
+
+class DropOnReuse:
+    """A TCP proxy to the status store that drops a connection when a second request comes
+    on it, unanswered: what a server does when it closes an idle keep-alive connection just
+    as the client reuses it."""
+
+    def __init__(self, upstream: str) -> None:
+        host, _, port = upstream.removeprefix("http://").partition(":")
+        self.upstream = (host, int(port))
+        self.dropped = 0
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *_: object) -> None:
+        self.server.close()
+
+    async def _serve(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        upstream, to_upstream = await asyncio.open_connection(*self.upstream)
+        answered = asyncio.Event()
+
+        async def back() -> None:
+            while data := await upstream.read(65536):
+                to_client.write(data)
+                answered.set()
+
+        pump = asyncio.create_task(back())
+        while data := await client.read(65536):
+            if answered.is_set():
+                self.dropped += 1
+                break
+            to_upstream.write(data)
+        pump.cancel()
+        to_client.close()
+        to_upstream.close()
+
+
+async def test_pending_write_survives_a_keep_alive_connection_closed_on_reuse(
+    migrated: Settings, status_store: DynamoStatusStore
+) -> None:
+    assert migrated.dynamodb_endpoint_url is not None
+    proxy = DropOnReuse(migrated.dynamodb_endpoint_url)
+    async with proxy as url:
+        store = DynamoStatusStore(make_client(url, "us-east-1"), migrated.status_table, 7)
+        first, second = unique("r"), unique("r")
+        await store.put_pending(pending(first))
+        await store.put_pending(pending(second))  # its connection is dropped, then retried
+        store.close()
+    assert proxy.dropped == 1
+    for rid in (first, second):
+        got = status_store.get(rid)
+        assert got is not None
+        assert got.state is RequestState.PENDING

@@ -1,0 +1,76 @@
+"""The event-loop Batcher: many awaited writes become few batches, failures reach every caller."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from adapters.batching import Batcher
+
+
+class Store:
+    """Records each batch; one write at a time takes ``delay`` seconds."""
+
+    def __init__(self, delay: float = 0.01, fail: bool = False) -> None:
+        self.batches: list[list[int]] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.delay = delay
+        self.fail = fail
+
+    async def write(self, items: list[int]) -> None:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay)
+            if self.fail:
+                raise OSError("disk full")
+            self.batches.append(items)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_items_arriving_together_share_batches() -> None:
+    store = Store()
+    batcher: Batcher[int] = Batcher(store.write, max_batch=25)
+    await asyncio.gather(*(batcher.submit(i) for i in range(60)))
+    assert sorted(i for b in store.batches for i in b) == list(range(60))
+    assert [len(b) for b in store.batches] == [25, 25, 10]
+    assert store.most_in_flight == 1
+
+
+async def test_writers_bounds_batches_in_flight() -> None:
+    store = Store()
+    batcher: Batcher[int] = Batcher(store.write, max_batch=5, writers=3)
+    await asyncio.gather(*(batcher.submit(i) for i in range(40)))
+    assert store.most_in_flight == 3
+    assert len(store.batches) == 8
+
+
+async def test_items_queued_during_a_write_go_in_the_next_batch() -> None:
+    store = Store(delay=0.05)
+    batcher: Batcher[int] = Batcher(store.write, max_batch=100)
+    first = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0.01)  # the first batch is in flight now
+    await asyncio.gather(first, *(batcher.submit(i) for i in range(1, 8)))
+    assert store.batches == [[0], [1, 2, 3, 4, 5, 6, 7]]
+
+
+async def test_a_failed_write_fails_every_item_of_its_batch() -> None:
+    batcher: Batcher[int] = Batcher(Store(fail=True).write, max_batch=10)
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(r, OSError) for r in results)
+
+
+async def test_a_cancelled_caller_does_not_disturb_the_others() -> None:
+    store = Store(delay=0.05)
+    batcher: Batcher[int] = Batcher(store.write, max_batch=10)
+    doomed = asyncio.ensure_future(batcher.submit(1))
+    kept = asyncio.ensure_future(batcher.submit(2))
+    await asyncio.sleep(0.01)
+    doomed.cancel()
+    await kept
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    assert store.batches == [[1, 2]]  # written all the same: the write had begun
