@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 from sqlalchemy import text
 
 from adapters import wiring
-from adapters.dynamodb import DynamoStatusStore
+from adapters.dynamodb import DynamoStatusStore, make_client
 from adapters.sql import SqlTradeStore, make_engine
 from config.settings import Settings
 
@@ -63,8 +66,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def migrated(service_settings: Settings) -> Settings:
-    """A fresh schema migrated by `trade-store migrate`, plus this session's topics."""
+def migrated(service_settings: Settings) -> Iterator[Settings]:
+    """A fresh schema migrated by `trade-store migrate`, plus this session's topics and status
+    table, which are deleted again at the end (dynalite slows down as its store grows)."""
     engine = make_engine(service_settings.database_url.get_secret_value())
     with engine.begin() as conn:
         conn.execute(text("DROP SCHEMA public CASCADE"))
@@ -77,7 +81,16 @@ def migrated(service_settings: Settings) -> Settings:
         timeout=120,
     )
     wiring.create_topics(service_settings)
-    return service_settings
+    yield service_settings
+    settings = service_settings
+    with contextlib.suppress(Exception):
+        make_client(settings.dynamodb_endpoint_url, settings.aws_region).delete_table(
+            TableName=settings.status_table
+        )
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    for deleted in admin.delete_topics([settings.inbound_topic, settings.dlq_topic]).values():
+        with contextlib.suppress(Exception):
+            deleted.result(timeout=15)
 
 
 @pytest.fixture(scope="session")
