@@ -12,12 +12,13 @@ import json
 import sqlite3
 import threading
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from adapters.batching import Batcher
 from config.clock import utc_now
@@ -27,6 +28,7 @@ from domain.status import Outcome, RequestState, RequestStatus
 from domain.trade import ReasonCode
 
 Params = tuple[Any, ...]
+T = TypeVar("T")
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -39,11 +41,12 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def write_all(conn: sqlite3.Connection, sql: str, rows: Sequence[Params], what: str) -> None:
-    """One statement over many rows in one immediate transaction; Unavailable on failure."""
+@contextmanager
+def transaction(conn: sqlite3.Connection, what: str) -> Iterator[None]:
+    """One immediate transaction; any SQLite error rolls it back and becomes Unavailable."""
     try:
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(sql, rows)
+        yield
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
         if conn.in_transaction:
@@ -51,29 +54,48 @@ def write_all(conn: sqlite3.Connection, sql: str, rows: Sequence[Params], what: 
         raise Unavailable(f"{what}: {exc}") from exc
 
 
-class GroupCommit:
-    """Group commit: awaiting callers share one transaction per batch on one writer thread."""
+def write_all(conn: sqlite3.Connection, sql: str, rows: Sequence[Params], what: str) -> None:
+    """One statement over many rows in one immediate transaction; Unavailable on failure."""
+    with transaction(conn, what):
+        conn.executemany(sql, rows)
 
-    def __init__(self, path: Path, sql: str, max_batch: int = 1000) -> None:
+
+class GroupCommit(Generic[T]):
+    """Group commit: awaiting callers share one transaction per batch on one writer thread.
+
+    ``write(conn, items)`` runs on that thread and commits the whole batch at once.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        write: Callable[[sqlite3.Connection, list[T]], None],
+        max_batch: int = 1000,
+    ) -> None:
         self._path = path
-        self._sql = sql
+        self._write = write
         self._conn: sqlite3.Connection | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"commit-{path.stem}")
-        self._batcher: Batcher[Params] = Batcher(self._commit, max_batch=max_batch)
+        self._batcher: Batcher[T] = Batcher(self._commit, max_batch=max_batch)
 
-    async def _commit(self, rows: list[Params]) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._write, rows)
+    async def _commit(self, items: list[T]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._on_thread, items)
 
-    def _write(self, rows: list[Params]) -> None:
+    def _on_thread(self, items: list[T]) -> None:
         if self._conn is None:  # only ever touched by the single writer thread
             self._conn = connect(self._path)
-        write_all(self._conn, self._sql, rows, self._path.name)
+        self._write(self._conn, items)
 
-    async def submit(self, row: Params) -> None:
-        await self._batcher.submit(row)
+    async def submit(self, item: T) -> None:
+        await self._batcher.submit(item)
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
+
+
+def statements(sql: str, what: str) -> Callable[[sqlite3.Connection, list[Params]], None]:
+    """A GroupCommit write that runs ``sql`` once per queued row."""
+    return lambda conn, rows: write_all(conn, sql, rows, what)
 
 
 STATUS_SCHEMA = """
@@ -115,10 +137,10 @@ class SqliteStatusStore:
     """Request statuses in a SQLite file, with the same contract as the DynamoDB store."""
 
     def __init__(self, path: Path, ttl_days: int) -> None:
-        self._path = path
+        self.path = path
         self._ttl = timedelta(days=ttl_days)
         self._local = threading.local()
-        self._pending = GroupCommit(path, PUT_PENDING)
+        self._pending = GroupCommit(path, statements(PUT_PENDING, "status store"))
 
     def ensure_schema(self) -> None:
         self._conn().executescript(STATUS_SCHEMA)
@@ -126,15 +148,15 @@ class SqliteStatusStore:
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = connect(self._path)
+            conn = self._local.conn = connect(self.path)
         return conn
 
     def _expires(self, moment: datetime) -> int:
         return int((moment + self._ttl).timestamp())
 
-    async def put_pending(self, status: RequestStatus) -> None:
+    def pending_row(self, status: RequestStatus) -> Params:
         at = status.created_at
-        row = (
+        return (
             status.request_id,
             status.state.value,
             status.trade_id,
@@ -143,7 +165,9 @@ class SqliteStatusStore:
             status.updated_at.isoformat(),
             self._expires(at),
         )
-        await self._pending.submit(row)
+
+    async def put_pending(self, status: RequestStatus) -> None:
+        await self._pending.submit(self.pending_row(status))
 
     async def withdraw(self, request_id: str) -> None:
         await asyncio.to_thread(
@@ -269,14 +293,14 @@ class SqliteInboundLog:
     def __init__(self, path: Path, partitions: int) -> None:
         self.path = path
         self.partitions = partitions
-        self._appender: GroupCommit | None = None
+        self._appender: GroupCommit[Params] | None = None
 
     def ensure_schema(self) -> None:
         conn = connect(self.path)
         conn.executescript(LOG_SCHEMA)
         conn.close()
 
-    def _row(self, message: TradeMessage) -> Params:
+    def row(self, message: TradeMessage) -> Params:
         key = message.trade.trade_id
         headers = [("request_id", message.request_id), ("correlation_id", message.correlation_id)]
         return (
@@ -289,12 +313,12 @@ class SqliteInboundLog:
     async def append(self, message: TradeMessage) -> None:
         """Append one message; returns once its group commit is durable."""
         if self._appender is None:
-            self._appender = GroupCommit(self.path, APPEND)
-        await self._appender.submit(self._row(message))
+            self._appender = GroupCommit(self.path, statements(APPEND, "inbound log"))
+        await self._appender.submit(self.row(message))
 
     def append_many(self, messages: Iterable[TradeMessage]) -> int:
         """Bulk load in one transaction (backfills, benchmarks); returns the count."""
-        rows = [self._row(m) for m in messages]
+        rows = [self.row(m) for m in messages]
         conn = connect(self.path)
         try:
             write_all(conn, APPEND, rows, "inbound log")
@@ -352,3 +376,30 @@ class SqliteTradeQueue:
 
     def close(self) -> None:
         self._log.close()
+
+
+class SqliteIntake:
+    """The embedded intake: the PENDING record and the log entry in one transaction.
+
+    The status table lives in the log's own file, so one group commit (one fsync) makes
+    both durable, and a failure leaves neither: nothing to withdraw.
+    """
+
+    def __init__(self, log: SqliteInboundLog, statuses: SqliteStatusStore) -> None:
+        if statuses.path != log.path:
+            raise ValueError("the embedded status table must live in the inbound log's file")
+        self._log = log
+        self._statuses = statuses
+        self._commit: GroupCommit[tuple[Params, Params]] = GroupCommit(log.path, self._write)
+
+    @staticmethod
+    def _write(conn: sqlite3.Connection, accepted: list[tuple[Params, Params]]) -> None:
+        with transaction(conn, "inbound log"):
+            conn.executemany(PUT_PENDING, [pending for pending, _ in accepted])
+            conn.executemany(APPEND, [entry for _, entry in accepted])
+
+    async def accept(self, pending: RequestStatus, message: TradeMessage) -> None:
+        await self._commit.submit((self._statuses.pending_row(pending), self._log.row(message)))
+
+    def close(self) -> None:
+        self._commit.close()

@@ -13,11 +13,12 @@ from pathlib import Path
 import structlog
 
 from adapters.dynamodb import DynamoStatusStore, make_client
+from adapters.intake import PendingThenQueue
 from adapters.kafka import KafkaTradeQueue, ensure_topics
 from adapters.sql import SqlTradeStore, make_engine
-from adapters.sqlite import SqliteInboundLog, SqliteStatusStore, SqliteTradeQueue
+from adapters.sqlite import SqliteInboundLog, SqliteIntake, SqliteStatusStore, SqliteTradeQueue
 from config.settings import Settings
-from domain.ports import StatusStore, TradeQueue, TradeStore
+from domain.ports import Intake, StatusStore, TradeQueue, TradeStore
 
 log = structlog.get_logger("adapters")
 
@@ -28,7 +29,8 @@ def trade_store(settings: Settings) -> SqlTradeStore:
 
 def status_store(settings: Settings) -> SqliteStatusStore | DynamoStatusStore:
     if settings.embedded:
-        return SqliteStatusStore(settings.data_dir / "status.db", settings.status_ttl_days)
+        # In the inbound log's file: the API commits a PENDING record and its log entry at once.
+        return SqliteStatusStore(inbound_log_path(settings), settings.status_ttl_days)
     return DynamoStatusStore(
         make_client(settings.dynamodb_endpoint_url, settings.aws_region),
         settings.status_table,
@@ -73,7 +75,7 @@ def prepare_status_store(settings: Settings) -> str:
     if isinstance(store, SqliteStatusStore):
         store.ensure_schema()
         store.close()
-        return str(settings.data_dir / "status.db")
+        return str(store.path)
     store.ensure_table()
     return settings.status_table
 
@@ -85,6 +87,7 @@ class Services:
     trades: TradeStore
     statuses: StatusStore
     queue: TradeQueue
+    intake: Intake
     closers: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
@@ -100,4 +103,14 @@ def api_services(settings: Settings) -> Services:
         log.warning("could not create the inbound queue", error=str(exc))
     queue = trade_queue(settings)
     statuses = status_store(settings)
-    return Services(trade_store(settings), statuses, queue, [queue.close, statuses.close])
+    if isinstance(statuses, SqliteStatusStore):
+        embedded = SqliteIntake(inbound_log(settings), statuses)
+        return Services(
+            trade_store(settings),
+            statuses,
+            queue,
+            embedded,
+            [embedded.close, queue.close, statuses.close],
+        )
+    intake = PendingThenQueue(statuses, queue)
+    return Services(trade_store(settings), statuses, queue, intake, [queue.close, statuses.close])

@@ -7,7 +7,8 @@ the end:
 * services: its own Kafka topics, its own DynamoDB table, and its own PostgreSQL *schema* in
   the ``trade_store`` database (selected with ``search_path`` in the database URL, so the
   migration, its version-guard trigger and the app all land there);
-* embedded: its own data directory (trades.db, status.db, inbound.db).
+* embedded: its own data directory (trades.db; inbound.db, which holds the log and the
+  request statuses).
 
 Besides the environment for the app's processes, a stage knows how to preload its queue,
 seed and read its trade store, read statuses in bulk, and write the *storage ceiling*: the
@@ -566,7 +567,7 @@ class EmbeddedStage(Stage):
         inbound.close()
 
     def statuses(self, request_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
-        conn = sqlite_connect(self.data / "status.db")
+        conn = sqlite_connect(self.data / "inbound.db")
         out: dict[str, tuple[str, str]] = {}
         try:
             for chunk in _chunks(request_ids, 500):
@@ -585,14 +586,14 @@ class EmbeddedStage(Stage):
         self, batches: Sequence[tuple[Sequence[TradeRow], Sequence[TerminalRow]]]
     ) -> dict[str, Any]:
         """Per batch: one transaction of executemany upserts into trades.db (guard trigger
-        on) and the decision log; the statuses in one transaction into status.db on a
-        second thread (another file, so it overlaps)."""
+        on) and the decision log; the statuses in one transaction into inbound.db (where the
+        app keeps them) on a second thread (another file, so it overlaps)."""
         from config.clock import utc_now
 
         trades_db = sqlite_connect(self.data / "trades.db")
         from adapters.sqlite import COMPLETE  # the sink's own statement: a like-for-like ceiling
 
-        status_db = sqlite_connect(self.data / "status.db")
+        status_db = sqlite_connect(self.data / "inbound.db")
         trade_time = 0.0
         status_time: list[float] = []
 

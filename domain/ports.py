@@ -103,6 +103,14 @@ class StatusStore(Protocol):
     def ping(self) -> None: ...
 
 
+class Intake(Protocol):
+    """Takes in one accepted submission: its PENDING record and its queued trade."""
+
+    async def accept(self, pending: RequestStatus, message: TradeMessage) -> None:
+        """Return once both are durable; raise Unavailable and leave no PENDING behind."""
+        ...
+
+
 class TradeQueue(Protocol):
     """The durable inbound queue, keyed by trade_id."""
 

@@ -10,7 +10,6 @@ import uuid
 from typing import Annotated, Any
 
 import orjson
-import structlog
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
@@ -25,7 +24,6 @@ from ingest_api.problems import MEDIA_TYPE, ProblemError
 from ingest_api.schemas import AcceptedOut, HealthOut, Problem, RequestOut, TradeIn, TradeOut
 
 router = APIRouter(prefix="/api/v1")
-log = structlog.get_logger("ingest_api")
 PROBLEM: dict[str, Any] = {"model": Problem, "content": {MEDIA_TYPE: {}}}
 UNAVAILABLE: dict[int | str, dict[str, Any]] = {
     503: {**PROBLEM, "description": "A dependency is down; retry after Retry-After"}
@@ -64,23 +62,15 @@ async def submit_trade(
         accepted_at=now,
         trade=trade,
     )
-    # PENDING first, so the dataflow's outcome can never be overwritten by it; if the
-    # trade then cannot be queued, the PENDING record is withdrawn and the client gets 503.
-    await services.statuses.put_pending(
-        RequestStatus(
-            request_id=message.request_id,
-            state=RequestState.PENDING,
-            trade_id=trade.trade_id,
-            version=trade.version,
-            created_at=now,
-            updated_at=now,
-        )
+    pending = RequestStatus(
+        request_id=message.request_id,
+        state=RequestState.PENDING,
+        trade_id=trade.trade_id,
+        version=trade.version,
+        created_at=now,
+        updated_at=now,
     )
-    try:
-        await services.queue.publish(message)
-    except Unavailable:
-        await _withdraw(services, message.request_id)
-        raise
+    await services.intake.accept(pending, message)
     return _json(
         202,
         {
@@ -104,14 +94,6 @@ def get_request(request_id: str, services: ServicesDep) -> Response:
     if status is None:
         raise ProblemError(404, "NOT_FOUND", f"No request {request_id}", field="request_id")
     return _json(200, RequestOut.of(status).model_dump(mode="json"))
-
-
-async def _withdraw(services: ServicesDep, request_id: str) -> None:
-    try:
-        await services.statuses.withdraw(request_id)
-    except Unavailable as exc:
-        # Its id was never returned to anyone; the status TTL removes it.
-        log.warning("could not withdraw PENDING record", request_id=request_id, error=str(exc))
 
 
 def encode_cursor(trade_id: str, version: int) -> str:

@@ -18,7 +18,8 @@ from adapters import wiring
 from adapters.sqlite import SqliteInboundLog, connect, partition_of, read_partition
 from config.settings import Settings
 from domain.message import TradeMessage, decode
-from domain.status import RequestState
+from domain.ports import Unavailable
+from domain.status import RequestState, RequestStatus
 from domain.trade import Trade
 from tests.conftest import settings_env, unique
 from tests.support import start, stop, wait_for
@@ -46,6 +47,46 @@ def embedded(tmp_path: Path) -> Settings:
     )
     wiring.create_topics(settings)
     return settings
+
+
+def pending_of(m: TradeMessage) -> RequestStatus:
+    return RequestStatus(
+        m.request_id,
+        RequestState.PENDING,
+        m.trade.trade_id,
+        m.trade.version,
+        m.accepted_at,
+        m.accepted_at,
+    )
+
+
+def test_intake_commits_pending_and_log_entry_together(embedded: Settings) -> None:
+    services = wiring.api_services(embedded)
+    sent = [message(f"T{i % 5}", i + 1) for i in range(40)]
+
+    async def accept() -> None:
+        await asyncio.gather(*(services.intake.accept(pending_of(m), m) for m in sent))
+
+    asyncio.run(accept())
+    services.close()
+    statuses = wiring.status_store(embedded)
+    assert all(statuses.get(m.request_id).state is RequestState.PENDING for m in sent)  # type: ignore[union-attr]
+    reader = connect(wiring.inbound_log_path(embedded))
+    logged = [r for p in range(4) for r in read_partition(reader, p, 0, 1000)]
+    assert sorted(decode(r.value).request_id for r in logged) == sorted(m.request_id for m in sent)
+
+
+def test_intake_that_cannot_log_leaves_no_pending_record(embedded: Settings) -> None:
+    """One transaction: when the log entry fails, the PENDING record is rolled back too."""
+    path = wiring.inbound_log_path(embedded)
+    services = wiring.api_services(embedded)  # (creates the log's tables if missing)
+    conn = connect(path)
+    conn.execute("ALTER TABLE inbound_log RENAME TO inbound_log_away")
+    lost = message("T1", 1)
+    with pytest.raises(Unavailable):
+        asyncio.run(services.intake.accept(pending_of(lost), lost))
+    services.close()
+    assert conn.execute("SELECT count(*) FROM request_status").fetchone() == (0,)
 
 
 def test_log_keeps_per_partition_order_and_survives_reopen(embedded: Settings) -> None:

@@ -13,10 +13,10 @@ import pytest
 
 from adapters.dynamodb import DynamoStatusStore, make_client
 from adapters.sqlite import SqliteStatusStore
+from config.settings import Settings
 from domain.ports import StatusStore, Unavailable
 from domain.status import Outcome, RequestState, RequestStatus
 from domain.trade import ReasonCode
-from config.settings import Settings
 from tests.conftest import unique
 
 

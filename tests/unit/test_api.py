@@ -9,6 +9,7 @@ from datetime import date, timedelta
 import pytest
 from fastapi.testclient import TestClient
 
+from adapters.intake import PendingThenQueue
 from adapters.wiring import Services
 from config.clock import business_today
 from config.settings import Settings
@@ -34,7 +35,7 @@ def api() -> Iterator[Api]:
     trades, statuses, queue = FakeTradeStore(), FakeStatusStore(), FakeQueue()
     app = create_app(
         Settings(max_body_bytes=1024, retry_after_seconds=7),
-        services=lambda _: Services(trades, statuses, queue),
+        services=lambda _: Services(trades, statuses, queue, PendingThenQueue(statuses, queue)),
     )
     with TestClient(app) as client:
         yield Api(client, trades, statuses, queue)
