@@ -8,7 +8,9 @@ committed (synchronous=FULL) without paying one fsync per request.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 import zlib
@@ -41,40 +43,68 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-@contextmanager
-def transaction(conn: sqlite3.Connection, what: str) -> Iterator[None]:
-    """One immediate transaction; any SQLite error rolls it back and becomes Unavailable."""
+class Writer:
+    """One thread's write access to one SQLite file.
+
+    Every writer of the file, in any process, first takes an flock on a side file, so a
+    waiting writer takes over the moment the lock is free. Left to SQLite, it would poll in
+    the busy handler, sleeping 1, 2, 5, 10... ms between tries: with two API workers
+    committing at once that was the tail of the acknowledgement latency (80 ms waits).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.conn = connect(path)
+        self._lock = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+
+    @contextmanager
+    def transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One immediate transaction; a SQLite error rolls it back and becomes Unavailable."""
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            yield self.conn
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise Unavailable(f"{what}: {exc}") from exc
+        finally:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+
+    def write_all(self, sql: str, rows: Sequence[Params], what: str) -> None:
+        """One statement over many rows in one transaction."""
+        with self.transaction(what) as conn:
+            conn.executemany(sql, rows)
+
+    def close(self) -> None:
+        self.conn.close()
+        os.close(self._lock)
+
+
+def write_once(path: Path, sql: str, rows: Sequence[Params], what: str) -> None:
+    """Open, write in one transaction, close (bulk loads and rare writes)."""
+    writer = Writer(path)
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        yield
-        conn.execute("COMMIT")
-    except sqlite3.Error as exc:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise Unavailable(f"{what}: {exc}") from exc
-
-
-def write_all(conn: sqlite3.Connection, sql: str, rows: Sequence[Params], what: str) -> None:
-    """One statement over many rows in one immediate transaction; Unavailable on failure."""
-    with transaction(conn, what):
-        conn.executemany(sql, rows)
+        writer.write_all(sql, rows, what)
+    finally:
+        writer.close()
 
 
 class GroupCommit(Generic[T]):
     """Group commit: awaiting callers share one transaction per batch on one writer thread.
 
-    ``write(conn, items)`` runs on that thread and commits the whole batch at once.
+    ``write(writer, items)`` runs on that thread and commits the whole batch at once.
     """
 
     def __init__(
         self,
         path: Path,
-        write: Callable[[sqlite3.Connection, list[T]], None],
+        write: Callable[[Writer, list[T]], None],
         max_batch: int = 1000,
     ) -> None:
         self._path = path
         self._write = write
-        self._conn: sqlite3.Connection | None = None
+        self._writer: Writer | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"commit-{path.stem}")
         self._batcher: Batcher[T] = Batcher(self._commit, max_batch=max_batch)
 
@@ -82,20 +112,22 @@ class GroupCommit(Generic[T]):
         await asyncio.get_running_loop().run_in_executor(self._thread, self._on_thread, items)
 
     def _on_thread(self, items: list[T]) -> None:
-        if self._conn is None:  # only ever touched by the single writer thread
-            self._conn = connect(self._path)
-        self._write(self._conn, items)
+        if self._writer is None:  # only ever touched by the single writer thread
+            self._writer = Writer(self._path)
+        self._write(self._writer, items)
 
     async def submit(self, item: T) -> None:
         await self._batcher.submit(item)
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
+        if self._writer is not None:
+            self._writer.close()
 
 
-def statements(sql: str, what: str) -> Callable[[sqlite3.Connection, list[Params]], None]:
+def statements(sql: str, what: str) -> Callable[[Writer, list[Params]], None]:
     """A GroupCommit write that runs ``sql`` once per queued row."""
-    return lambda conn, rows: write_all(conn, sql, rows, what)
+    return lambda writer, rows: writer.write_all(sql, rows, what)
 
 
 STATUS_SCHEMA = """
@@ -151,6 +183,12 @@ class SqliteStatusStore:
             conn = self._local.conn = connect(self.path)
         return conn
 
+    def _writer(self) -> Writer:
+        writer: Writer | None = getattr(self._local, "writer", None)
+        if writer is None:
+            writer = self._local.writer = Writer(self.path)
+        return writer
+
     def _expires(self, moment: datetime) -> int:
         return int((moment + self._ttl).timestamp())
 
@@ -171,11 +209,11 @@ class SqliteStatusStore:
 
     async def withdraw(self, request_id: str) -> None:
         await asyncio.to_thread(
-            write_all,
-            self._conn(),
-            "DELETE FROM request_status WHERE request_id = ? AND status = 'PENDING'",
-            [(request_id,)],
-            "status store",
+            lambda: self._writer().write_all(
+                "DELETE FROM request_status WHERE request_id = ? AND status = 'PENDING'",
+                [(request_id,)],
+                "status store",
+            )
         )
 
     def complete(self, outcomes: Sequence[Outcome]) -> None:
@@ -194,7 +232,7 @@ class SqliteStatusStore:
             )
             for o in outcomes
         ]
-        write_all(self._conn(), COMPLETE, rows, "status store")
+        self._writer().write_all(COMPLETE, rows, "status store")
 
     def get(self, request_id: str) -> RequestStatus | None:
         try:
@@ -319,11 +357,7 @@ class SqliteInboundLog:
     def append_many(self, messages: Iterable[TradeMessage]) -> int:
         """Bulk load in one transaction (backfills, benchmarks); returns the count."""
         rows = [self.row(m) for m in messages]
-        conn = connect(self.path)
-        try:
-            write_all(conn, APPEND, rows, "inbound log")
-        finally:
-            conn.close()
+        write_once(self.path, APPEND, rows, "inbound log")
         return len(rows)
 
     def close(self) -> None:
@@ -349,12 +383,8 @@ def write_dead_letters(
     path: Path, letters: Sequence[tuple[str, bytes | None, bytes | None, str]]
 ) -> None:
     """Store (reason, key, value, headers-json) rows in the log file's dead_letters table."""
-    conn = connect(path)
-    try:
-        now = utc_now().isoformat()
-        write_all(conn, DEAD_LETTER, [(*letter, now) for letter in letters], "dead letters")
-    finally:
-        conn.close()
+    now = utc_now().isoformat()
+    write_once(path, DEAD_LETTER, [(*letter, now) for letter in letters], "dead letters")
 
 
 class SqliteTradeQueue:
@@ -393,8 +423,8 @@ class SqliteIntake:
         self._commit: GroupCommit[tuple[Params, Params]] = GroupCommit(log.path, self._write)
 
     @staticmethod
-    def _write(conn: sqlite3.Connection, accepted: list[tuple[Params, Params]]) -> None:
-        with transaction(conn, "inbound log"):
+    def _write(writer: Writer, accepted: list[tuple[Params, Params]]) -> None:
+        with writer.transaction("inbound log") as conn:
             conn.executemany(PUT_PENDING, [pending for pending, _ in accepted])
             conn.executemany(APPEND, [entry for _, entry in accepted])
 
