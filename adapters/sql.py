@@ -28,6 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from adapters.sqlite import PRAGMAS
 from adapters.tables import trades
 from domain.decided import Decided, outcome_of
 from domain.ports import StoredTrade, TradeFilter, Unavailable
@@ -55,9 +56,8 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=10000")
+    for pragma in PRAGMAS:
+        cursor.execute(pragma)
     cursor.close()
 
 

@@ -6,6 +6,7 @@ runner (pass -r/-s/-b for recovery yourself); ``trade-store process`` does it fo
 
 from __future__ import annotations
 
+import gc
 import signal
 import threading
 from datetime import date, timedelta
@@ -100,6 +101,15 @@ def ensure_recovery_dir(path: Path, partitions: int) -> None:
     log.info("recovery partitions created", path=str(path), partitions=partitions)
 
 
+def tune_gc() -> None:
+    """Fewer, larger collections for a process that allocates objects by the hundred
+    thousand a second and frees them as fast: the default young-generation threshold (700)
+    ran the collector for ~10 % of the dataflow's time. What is loaded by now lives as long
+    as the process, so it leaves the collector's view altogether."""
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def run(
     settings: Settings,
     workers: int,
@@ -121,6 +131,7 @@ def run(
         )
         sweeper.start()
         log.info("processor started", profile=settings.profile, workers=workers)
+        tune_gc()
         cli_main(
             flow(settings),
             workers_per_process=workers,
