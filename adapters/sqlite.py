@@ -186,6 +186,22 @@ class SqliteStatusStore:
     def ensure_schema(self) -> None:
         self._conn().executescript(STATUS_SCHEMA)
 
+    def adopt(self, old: Path) -> None:
+        """Take over the statuses of a separate status file (where earlier versions kept
+        them), then rename it ``*.adopted`` so it is read once."""
+        if not old.exists() or old == self.path:
+            return
+        writer = self._writer()
+        writer.conn.execute("ATTACH DATABASE ? AS old", (str(old),))
+        try:
+            with writer.transaction("status store") as conn:
+                conn.execute(
+                    "INSERT OR IGNORE INTO request_status SELECT * FROM old.request_status"
+                )
+        finally:
+            writer.conn.execute("DETACH DATABASE old")
+        old.rename(old.with_name(old.name + ".adopted"))
+
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:

@@ -74,6 +74,7 @@ def prepare_status_store(settings: Settings) -> str:
     store = status_store(settings)
     if isinstance(store, SqliteStatusStore):
         store.ensure_schema()
+        store.adopt(settings.data_dir / "status.db")
         store.close()
         return str(store.path)
     store.ensure_table()

@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 
 from adapters import wiring
-from adapters.sqlite import SqliteInboundLog, connect, partition_of, read_partition
+from adapters.sqlite import (
+    SqliteInboundLog,
+    SqliteStatusStore,
+    connect,
+    partition_of,
+    read_partition,
+)
 from config.settings import Settings
 from domain.message import TradeMessage, decode
 from domain.ports import Unavailable
@@ -87,6 +93,24 @@ def test_intake_that_cannot_log_leaves_no_pending_record(embedded: Settings) -> 
         asyncio.run(services.intake.accept(pending_of(lost), lost))
     services.close()
     assert conn.execute("SELECT count(*) FROM request_status").fetchone() == (0,)
+
+
+def test_migrate_adopts_statuses_from_a_separate_status_file(tmp_path: Path) -> None:
+    """Earlier versions kept statuses in data/status.db; they stay readable after upgrade."""
+    settings = Settings(profile="embedded", data_dir=tmp_path / "data")
+    old = SqliteStatusStore(settings.data_dir / "status.db", ttl_days=7)
+    old.ensure_schema()
+    kept = message("T1", 1)
+    asyncio.run(old.put_pending(pending_of(kept)))
+    old.close()
+    subprocess.run(
+        [sys.executable, "-m", "cli.main", "migrate"], env=settings_env(settings), check=True
+    )
+    got = wiring.status_store(settings).get(kept.request_id)
+    assert got is not None
+    assert got.state is RequestState.PENDING
+    assert not (settings.data_dir / "status.db").exists()
+    assert (settings.data_dir / "status.db.adopted").exists()
 
 
 def test_log_keeps_per_partition_order_and_survives_reopen(embedded: Settings) -> None:
