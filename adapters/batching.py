@@ -13,6 +13,16 @@ T = TypeVar("T")
 Pending = list[tuple[T, "asyncio.Future[None]"]]
 
 
+def resolve(done: asyncio.Future[None], error: BaseException | None) -> None:
+    """Settle a caller's future, unless the caller was cancelled meanwhile."""
+    if done.done():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
+
+
 class Batcher(Generic[T]):
     """``await submit(item)`` returns once the batch holding ``item`` is written.
 
@@ -59,11 +69,6 @@ class Batcher(Generic[T]):
         self._in_flight -= 1
         error = written.exception()
         for _, done in batch:
-            if done.done():  # the caller was cancelled
-                continue
-            if error is None:
-                done.set_result(None)
-            else:
-                done.set_exception(error)
+            resolve(done, error)
         if self._queued:
             self._flush(loop)

@@ -88,15 +88,17 @@ def _batch_body(table: str, requests: list[dict[str, Any]]) -> bytes:
     return orjson.dumps({"RequestItems": {table: requests}})
 
 
-def _reply(status: int, content: bytes, operation: str) -> dict[str, Any]:
-    """The decoded body of a 200; Unavailable for throttling and 5xx, else RuntimeError."""
+def _unprocessed(status: int, content: bytes, table: str) -> list[dict[str, Any]]:
+    """The put requests a BatchWriteItem reply left unprocessed; Unavailable for throttling
+    and 5xx, RuntimeError for any other error."""
     body: dict[str, Any] = orjson.loads(content) if content else {}
     if status == 200:
-        return body
+        left: list[dict[str, Any]] = body.get("UnprocessedItems", {}).get(table, [])
+        return left
     code = str(body.get("__type", "")).rpartition("#")[2]
     if status >= 500 or code in TRANSIENT:
-        raise Unavailable(f"status store {operation}: {code or status}")
-    raise RuntimeError(f"status store {operation}: {code}: {body.get('message')}")
+        raise Unavailable(f"status store batch_write_item: {code or status}")
+    raise RuntimeError(f"status store batch_write_item: {code}: {body.get('message')}")
 
 
 # Delays between BatchWriteItem rounds while DynamoDB leaves items unprocessed.
@@ -126,9 +128,7 @@ class BatchWriter:
             response = self._http.send(request.prepare())
         except BotoCoreError as exc:
             raise Unavailable(f"status store batch_write_item: {exc}") from exc
-        reply = _reply(response.status_code, response.content, "batch_write_item")
-        left: list[dict[str, Any]] = reply.get("UnprocessedItems", {}).get(self._table, [])
-        return left
+        return _unprocessed(response.status_code, response.content, self._table)
 
     def put_all(self, items: list[dict[str, Any]]) -> None:
         """Put up to 25 items, retrying whatever DynamoDB leaves unprocessed."""
@@ -260,9 +260,7 @@ class AsyncBatchWriter:
             status, content = await self._exchange(self._wire(_batch_body(self._table, requests)))
         except (OSError, TimeoutError, httptools.HttpParserError) as exc:
             raise Unavailable(f"status store batch_write_item: {exc!r}") from exc
-        reply = _reply(status, content, "batch_write_item")
-        left: list[dict[str, Any]] = reply.get("UnprocessedItems", {}).get(self._table, [])
-        return left
+        return _unprocessed(status, content, self._table)
 
     async def put_all(self, items: list[dict[str, Any]]) -> None:
         """Put up to 25 items, retrying whatever DynamoDB leaves unprocessed."""

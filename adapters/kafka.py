@@ -11,6 +11,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from adapters.batching import resolve
 from domain.message import TradeMessage, encode
 from domain.ports import Unavailable
 
@@ -31,12 +32,8 @@ def producer_config(bootstrap: str, timeout_ms: int, linger_ms: int) -> dict[str
 
 def _settle(reports: list[tuple[asyncio.Future[None], KafkaError | None]]) -> None:
     for acked, err in reports:
-        if acked.done():  # the caller was cancelled
-            continue
-        if err is None:
-            acked.set_result(None)
-        else:
-            acked.set_exception(Unavailable(f"queue did not acknowledge: {err.str()}"))
+        failed = None if err is None else Unavailable(f"queue did not acknowledge: {err.str()}")
+        resolve(acked, failed)
 
 
 def headers_of(message: TradeMessage) -> list[tuple[str, str | bytes | None]]:

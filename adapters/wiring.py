@@ -102,16 +102,18 @@ def api_services(settings: Settings) -> Services:
         create_topics(settings)
     except Exception as exc:  # the API still starts; health reports the queue
         log.warning("could not create the inbound queue", error=str(exc))
-    queue = trade_queue(settings)
     statuses = status_store(settings)
     if isinstance(statuses, SqliteStatusStore):
-        embedded = SqliteIntake(inbound_log(settings), statuses)
-        return Services(
-            trade_store(settings),
-            statuses,
-            queue,
-            embedded,
-            [embedded.close, queue.close, statuses.close],
-        )
-    intake = PendingThenQueue(statuses, queue)
-    return Services(trade_store(settings), statuses, queue, intake, [queue.close, statuses.close])
+        inbound = inbound_log(settings)
+        embedded = SqliteTradeQueue(inbound)
+        intake = SqliteIntake(inbound, statuses)
+        closers = [intake.close, embedded.close, statuses.close]
+        return Services(trade_store(settings), statuses, embedded, intake, closers)
+    queue = trade_queue(settings)
+    return Services(
+        trade_store(settings),
+        statuses,
+        queue,
+        PendingThenQueue(statuses, queue),
+        [queue.close, statuses.close],
+    )

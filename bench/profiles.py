@@ -57,6 +57,17 @@ class TerminalRow:
     failure_reason: str | None
     created_at: datetime
 
+    def logged(self) -> tuple[str, str, int, str, str | None, str | None]:
+        """The decision-log columns, in the order both ceilings insert them."""
+        return (
+            self.request_id,
+            self.trade_id,
+            self.version,
+            self.state,
+            self.reason_code,
+            self.failure_reason,
+        )
+
 
 @dataclass
 class TradeRow:
@@ -491,16 +502,7 @@ class ServicesStage(Stage):
                         " reason_code, failure_reason) FROM STDIN"
                     ) as copy:
                         for t in terminal:
-                            copy.write_row(
-                                (
-                                    t.request_id,
-                                    t.trade_id,
-                                    t.version,
-                                    t.state,
-                                    t.reason_code,
-                                    t.failure_reason,
-                                )
-                            )
+                            copy.write_row(t.logged())
                     cur.execute(
                         "INSERT INTO request_outcomes (request_id, trade_id, version, state,"
                         " reason_code, failure_reason) SELECT * FROM bench_outcomes"
@@ -654,17 +656,7 @@ class EmbeddedStage(Stage):
                     " reason_code, failure_reason, decided_at)"
                     " VALUES (?, ?, ?, ?, ?, ?, CURRENT_TIMESTAMP)"
                     " ON CONFLICT (request_id) DO NOTHING",
-                    [
-                        (
-                            t.request_id,
-                            t.trade_id,
-                            t.version,
-                            t.state,
-                            t.reason_code,
-                            t.failure_reason,
-                        )
-                        for t in terminal
-                    ],
+                    [t.logged() for t in terminal],
                 )
                 trades_db.execute("COMMIT")
                 trade_time += time.perf_counter() - t0
