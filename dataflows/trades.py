@@ -6,6 +6,7 @@ runtime; ``build_flow`` only wires them.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeGuard
@@ -13,6 +14,7 @@ from typing import TypeGuard
 import structlog
 from bytewax import operators as op
 from bytewax.dataflow import Dataflow, Stream
+from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 
 from domain.decided import Decided
@@ -89,11 +91,7 @@ def dead_letter_outcome(letter: TradeMessage | DeadLetter) -> Outcome | None:
 
 
 class HeadLookup:
-    """Attaches the store's highest version to each message: one query per batch.
-
-    The keyed state is the truth for trade_ids the flow has seen; the store is the truth
-    for the others (new ids, or after recovery state was lost).
-    """
+    """Attaches the store's highest version to each message: one query per batch."""
 
     def __init__(self, trades: Callable[[], TradeStore]) -> None:
         self._factory = trades
@@ -108,16 +106,50 @@ class HeadLookup:
         return [WithHead(m, heads.get(m.trade.trade_id)) for m in messages]
 
 
-def trade_id_of(item: WithHead) -> str:
-    return item.message.trade.trade_id
+KEY_SLOTS = 256
 
 
-def decide_step(highest: int | None, item: WithHead) -> tuple[int | None, Decided]:
-    """Keyed by trade_id: decide against the highest version seen, then remember it."""
-    known = highest if highest is not None else item.stored_head
-    trade = item.message.trade
-    decision = decide(known, trade, item.message.accepted_on)
-    return next_highest(known, trade, decision), Decided(item.message, decision)
+def trade_key(item: WithHead) -> str:
+    """The key a message is routed by: one of ``KEY_SLOTS`` slots of its trade_id.
+
+    Bytewax gives each key one worker and keeps each key's order, so every message of a
+    trade_id is decided by one worker in queue order. Slots rather than raw trade_ids keep
+    Bytewax's per-key bookkeeping (one logic object, one snapshot row each) bounded by 256
+    however many trade_ids the flow sees.
+    """
+    return str(zlib.crc32(item.message.trade.trade_id.encode()) % KEY_SLOTS)
+
+
+def decide_in_order(items: list[WithHead]) -> list[Decided]:
+    """Messages decided in queue order, each against the highest version of its trade_id
+    stored or accepted before it."""
+    highest: dict[str, int | None] = {}
+    decided = []
+    for item in items:
+        trade = item.message.trade
+        before = highest.get(trade.trade_id)
+        known = item.stored_head if before is None else max(before, item.stored_head or 0)
+        decision = decide(known, trade, item.message.accepted_on)
+        highest[trade.trade_id] = next_highest(known, trade, decision)
+        decided.append(Decided(item.message, decision))
+    return decided
+
+
+class DecideInOrder(StatefulBatchLogic[WithHead, Decided, None]):
+    """Decides one key's share of a batch and keeps nothing afterwards.
+
+    The store is the truth for a trade_id's highest version (looked up per batch). Keeping
+    no state between batches keeps the processor's memory and Bytewax's recovery snapshots
+    independent of how many trade_ids it has seen. A message decided while an earlier,
+    higher version is still on its way to the store is refused by the store's guard and
+    ends FAILED as stale all the same.
+    """
+
+    def on_batch(self, values: list[WithHead]) -> tuple[list[Decided], bool]:
+        return decide_in_order(values), StatefulBatchLogic.DISCARD
+
+    def snapshot(self) -> None:
+        """Never called: the logic is discarded after every batch."""
 
 
 def build_flow(
@@ -139,8 +171,8 @@ def build_flow(
     op.output("dead-letter-status", failed, StatusSink(statuses))
 
     with_heads = op.flat_map_batch("lookup-heads", split.trues, HeadLookup(trades))
-    keyed = op.key_on("by-trade-id", with_heads, trade_id_of)
-    decided = op.stateful_map("decide", keyed, decide_step)
+    keyed = op.key_on("by-trade-id", with_heads, trade_key)
+    decided = op.stateful_batch("decide", keyed, lambda _resume: DecideInOrder())
     op.output("store", op.key_rm("unkey", decided), TradeSink(trades, statuses))
     return flow
 

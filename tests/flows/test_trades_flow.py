@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import timedelta
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import pytest
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSource, run_main
 
+from dataflows.trades import KEY_SLOTS, WithHead, decide_in_order
+from domain.message import decode
 from domain.status import RequestState
 from domain.trade import ReasonCode, Trade
 from tests.flows.conftest import TODAY, Pipeline, Record, Runner, record
@@ -191,3 +194,49 @@ def test_large_batches_are_written_in_pipelined_chunks(
         **{f"r{v}": "SUCCESS" for v in range(1, 11)},
         "stale": "FAILED",
     }
+
+
+def test_decisions_chain_through_a_batch_per_trade_id() -> None:
+    """Each message is decided against what its trade_id's earlier messages left, never
+    against another trade_id's, and never below a head the store reported."""
+
+    def item(rid: str, trade_id: str, version: int, head: int | None) -> WithHead:
+        return WithHead(decode(record(rid, trade_id, version).value), head)
+
+    decided = decide_in_order(
+        [
+            item("a", "T1", 2, None),
+            item("b", "T2", 1, None),
+            item("c", "T1", 1, None),  # below T1's accepted 2
+            item("d", "T2", 1, None),  # same as T2's accepted 1: replaces
+            item("e", "T1", 3, 4),  # a later lookup saw 4 stored
+        ]
+    )
+    assert [(d.message.request_id, d.accepted) for d in decided] == [
+        ("a", True),
+        ("b", True),
+        ("c", False),
+        ("d", True),
+        ("e", False),
+    ]
+
+
+def test_recovery_state_does_not_grow_with_trade_ids(pipeline: Pipeline, tmp_path: Path) -> None:
+    """The decide step keeps nothing between batches: its recovery rows are bounded by the
+    key slots, whatever the number of trade_ids, and hold no state."""
+    init_db_dir(tmp_path, 1)
+    items = [record(f"r{i}", f"T{i}", 1) for i in range(2 * KEY_SLOTS + 100)]
+    run_main(
+        pipeline.flow(items, batch_size=100),
+        epoch_interval=timedelta(0),
+        recovery_config=RecoveryConfig(tmp_path),
+    )
+    assert len(pipeline.trades.rows) == len(items)
+    (part,) = tmp_path.iterdir()
+    with sqlite3.connect(part) as db:
+        rows, states = db.execute(
+            "SELECT count(DISTINCT state_key), count(ser_change) FROM snaps"
+            " WHERE step_id LIKE 'trades.decide%'"
+        ).fetchone()
+    assert 0 < rows <= KEY_SLOTS
+    assert states == 0
