@@ -6,7 +6,6 @@ runner (pass -r/-s/-b for recovery yourself); ``trade-store process`` does it fo
 
 from __future__ import annotations
 
-import gc
 import signal
 import threading
 from datetime import date, timedelta
@@ -24,6 +23,7 @@ from bytewax.run import cli_main
 
 from adapters import wiring
 from config.clock import business_today
+from config.runtime import tune_gc
 from config.settings import Settings, get_settings
 from dataflows.trades import build_flow
 from domain.ports import TradeStore, Unavailable
@@ -99,15 +99,6 @@ def ensure_recovery_dir(path: Path, partitions: int) -> None:
     path.mkdir(parents=True, exist_ok=True)
     init_db_dir(path, partitions)
     log.info("recovery partitions created", path=str(path), partitions=partitions)
-
-
-def tune_gc() -> None:
-    """Fewer, larger collections for a process that allocates objects by the hundred
-    thousand a second and frees them as fast: the default young-generation threshold (700)
-    ran the collector for ~10 % of the dataflow's time. What is loaded by now lives as long
-    as the process, so it leaves the collector's view altogether."""
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
 
 
 def run(

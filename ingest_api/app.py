@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from adapters.wiring import Services, api_services
 from config.logs import configure_logging
+from config.runtime import tune_gc
 from config.settings import Settings, get_settings
 from ingest_api import problems
 from ingest_api.middleware import BodyLimitMiddleware, CorrelationMiddleware
@@ -31,6 +32,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
         app.state.services = services(settings)
+        tune_gc()
         log.info("api started")
         try:
             yield
