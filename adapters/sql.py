@@ -271,7 +271,7 @@ class _PostgresBatches:
 
 def _sqlite_time(moment: datetime) -> str:
     """The text form SQLAlchemy's SQLite DateTime reads back (naive UTC)."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 class _SqliteBatches:

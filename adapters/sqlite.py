@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -343,7 +343,12 @@ class LogRecord:
     seq: int
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    raw_headers: str = "[]"
+
+    @property
+    def headers(self) -> list[tuple[str, bytes]]:
+        """Decoded on demand: the dataflow reads them only for an undecodable value."""
+        return decode_headers(self.raw_headers)
 
 
 class SqliteInboundLog:
@@ -399,9 +404,7 @@ def read_partition(
         " WHERE partition = ? AND seq > ? ORDER BY seq LIMIT ?",
         (partition, after_seq, limit),
     ).fetchall()
-    return [
-        LogRecord(seq, key, value, decode_headers(headers)) for seq, key, value, headers in rows
-    ]
+    return [LogRecord(*row) for row in rows]
 
 
 def write_dead_letters(

@@ -103,7 +103,8 @@ def decode(value: bytes | None, request_id_hint: str | None = None) -> TradeMess
     ``request_id_hint`` (from the message headers) names the request when the body is unreadable.
     """
     try:
-        obj = json.loads(value) if value is not None else None
+        # str, not bytes: json.loads would first sniff a bytes value's encoding
+        obj = json.loads(value.decode()) if value is not None else None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise UndecodableMessage("value is not JSON", request_id_hint) from None
     if not isinstance(obj, dict):
