@@ -31,7 +31,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from adapters.sqlite import PRAGMAS
 from adapters.tables import trades
-from domain.decided import Decided, outcome_of
+from domain.decided import Decided, apply_in_queue_order
 from domain.ports import StoredTrade, TradeFilter, Unavailable
 from domain.status import Outcome, RequestState
 from domain.trade import ReasonCode, Trade
@@ -392,8 +392,10 @@ def _record(conn: Connection, decided: Sequence[Decided]) -> list[Outcome]:
     ids = [d.message.request_id for d in decided]
     logged = batches.logged(conn, ids)
     fresh = [d for d in decided if d.message.request_id not in logged]
-    stored = _upsert(conn, [d.message.trade for d in fresh if d.accepted])
-    outcomes = {d.message.request_id: outcome_of(d, stored) for d in fresh}
+    outcomes = {
+        o.request_id: o
+        for o in apply_in_queue_order(fresh, lambda trades_in: _upsert(conn, trades_in))
+    }
     if outcomes:
         batches.log(conn, list(outcomes.values()), datetime.now(UTC))
     return [logged.get(rid) or outcomes[rid] for rid in ids]

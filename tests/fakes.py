@@ -7,7 +7,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import replace
 from datetime import UTC, date, datetime
 
-from domain.decided import Decided, outcome_of
+from domain.decided import Decided, apply_in_queue_order
 from domain.message import TradeMessage
 from domain.ports import StoredTrade, TradeFilter, Unavailable
 from domain.status import Outcome, RequestState, RequestStatus
@@ -60,9 +60,8 @@ class FakeTradeStore:
     def record(self, decided: Sequence[Decided]) -> list[Outcome]:
         self._check()
         fresh = [d for d in decided if d.message.request_id not in self.log]
-        stored = self.apply([d.message.trade for d in fresh if d.accepted])
-        for d in fresh:
-            self.log[d.message.request_id] = outcome_of(d, stored)
+        for outcome in apply_in_queue_order(fresh, self.apply):
+            self.log[outcome.request_id] = outcome
         return [self.log[d.message.request_id] for d in decided]
 
     def _view(self, row: StoredTrade, as_of: date) -> StoredTrade:

@@ -8,15 +8,18 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
 
 from adapters.sql import SqlTradeStore, make_engine
 from config.settings import Settings
+from domain.decided import Decided
+from domain.message import TradeMessage
 from domain.ports import TradeFilter, Unavailable
-from domain.trade import Trade
+from domain.status import RequestState
+from domain.trade import Accepted, Trade
 from tests.conftest import settings_env, unique
 
 TODAY = date.today()
@@ -60,6 +63,26 @@ def test_same_key_twice_in_one_batch_keeps_the_last(trade_store: SqlTradeStore) 
     tid = unique("T")
     assert trade_store.apply([trade(tid, 1, cp="A"), trade(tid, 1, cp="B")]) == {(tid, 1)}
     assert trade_store.versions(tid, TODAY)[0].trade.counterparty_id == "B"
+
+
+def test_a_batch_is_applied_as_if_one_by_one_in_queue_order(trade_store: SqlTradeStore) -> None:
+    """Versions decided against a head that was already stale (an earlier, higher version
+    still on its way to the store) may land in one batch: the lower one, queued after the
+    higher, must end FAILED as stale, not be stored because a batch writes in key order."""
+    tid = unique("T")
+
+    def accepted(version: int) -> Decided:
+        message = TradeMessage(unique("r"), "c", TODAY, datetime.now(UTC), trade(tid, version))
+        return Decided(message, Accepted(replaces=False))
+
+    outcomes = trade_store.record([accepted(3), accepted(2), accepted(3), accepted(4)])
+    assert [(o.state, o.reason_code) for o in outcomes] == [
+        (RequestState.SUCCESS, None),
+        (RequestState.FAILED, "STALE_VERSION"),
+        (RequestState.SUCCESS, None),
+        (RequestState.SUCCESS, None),
+    ]
+    assert [r.trade.version for r in trade_store.versions(tid, TODAY)] == [3, 4]
 
 
 def test_guard_refuses_lower_versions(trade_store: SqlTradeStore) -> None:
