@@ -243,17 +243,18 @@ class SqliteStatusStore:
 
     def complete(self, outcomes: Sequence[Outcome]) -> None:
         now = utc_now()
+        stamp, expires = now.isoformat(), self._expires(now)
         rows = [
             (
                 o.request_id,
                 o.state.value,
                 o.trade_id,
                 o.version,
-                (o.accepted_at or now).isoformat(),
-                now.isoformat(),
+                o.accepted_at.isoformat() if o.accepted_at else stamp,
+                stamp,
                 o.reason_code.value if o.reason_code else None,
                 o.failure_reason,
-                self._expires(now),
+                expires,
             )
             for o in outcomes
         ]

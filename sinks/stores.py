@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -17,9 +18,16 @@ log = structlog.get_logger("sinks")
 
 
 def log_outcomes(outcomes: list[Outcome], correlation: dict[str, str]) -> None:
-    """One line per FAILED request (with its correlation id); successes only at debug."""
+    """One line per FAILED request (with its correlation id); successes only at debug (and
+    not even built otherwise: thousands a second)."""
+    debug = log.is_enabled_for(logging.DEBUG)
     for o in outcomes:
-        level = log.info if o.state is RequestState.FAILED else log.debug
+        if o.state is RequestState.FAILED:
+            level = log.info
+        elif debug:
+            level = log.debug
+        else:
+            continue
         level(
             "request decided",
             request_id=o.request_id,
