@@ -141,8 +141,9 @@ class DecideInOrder(StatefulBatchLogic[WithHead, Decided, None]):
     The store is the truth for a trade_id's highest version (looked up per batch). Keeping
     no state between batches keeps the processor's memory and Bytewax's recovery snapshots
     independent of how many trade_ids it has seen. A message decided while an earlier,
-    higher version is still on its way to the store is refused by the store's guard and
-    ends FAILED as stale all the same.
+    higher version is still on its way to the store ends FAILED as stale all the same: the
+    store's guard refuses it, or, when both reach the store in one batch, the batch is
+    applied as if one by one in queue order (``apply_in_queue_order``).
     """
 
     def on_batch(self, values: list[WithHead]) -> tuple[list[Decided], bool]:
