@@ -22,7 +22,7 @@ from domain.message import TradeMessage, encode
 from domain.status import RequestState
 from domain.trade import Trade
 from tests.conftest import settings_env, unique
-from tests.support import start, stop, wait_for
+from tests.support import free_port, start, stop, wait_for
 
 TODAY = date.today()
 
@@ -43,10 +43,10 @@ def own(migrated: Settings, tmp_path: Path) -> Settings:
 
 
 class Processor:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *args: str) -> None:
         self.settings = settings
         self.proc = start(
-            f"processor-{settings.inbound_topic}", ["process"], settings_env(settings)
+            f"processor-{settings.inbound_topic}", ["process", *args], settings_env(settings)
         )
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -54,12 +54,12 @@ class Processor:
 
 
 @pytest.fixture
-def processors() -> Iterator[Callable[[Settings], Processor]]:
+def processors() -> Iterator[Callable[..., Processor]]:
     """Start processors at will; every one still running is stopped at teardown."""
     started: list[Processor] = []
 
-    def start_one(settings: Settings) -> Processor:
-        started.append(Processor(settings))
+    def start_one(settings: Settings, *args: str) -> Processor:
+        started.append(Processor(settings, *args))
         return started[-1]
 
     yield start_one
@@ -68,7 +68,7 @@ def processors() -> Iterator[Callable[[Settings], Processor]]:
 
 
 @pytest.fixture
-def processor(own: Settings, processors: Callable[[Settings], Processor]) -> Processor:
+def processor(own: Settings, processors: Callable[..., Processor]) -> Processor:
     return processors(own)
 
 
@@ -101,19 +101,14 @@ def terminal(store: DynamoStatusStore, request_ids: list[str]) -> dict[str, Requ
     return states
 
 
-@pytest.mark.parametrize("workers", [1, 3])
-def test_decides_and_persists(
-    own: Settings,
-    processors: Callable[[Settings], Processor],
-    trade_store: SqlTradeStore,
-    status_store: DynamoStatusStore,
-    workers: int,
+def decided_in_order(
+    settings: Settings, trade_store: SqlTradeStore, status_store: DynamoStatusStore
 ) -> None:
-    """Scaling out is one flag: with 3 workers, each trade is still decided in order."""
-    processor = processors(own.model_copy(update={"processor_workers": workers}))
+    """Four rounds of versions (1, 2, 1, 2) of twelve trades end SUCCESS, SUCCESS, FAILED
+    (stale), SUCCESS, with versions 1 and 2 stored."""
     ids = [unique("T") for _ in range(12)]
     rounds = [[message(tid, v) for tid in ids] for v in (1, 2, 1, 2)]
-    asyncio.run(publish(processor.settings, rounds))
+    asyncio.run(publish(settings, rounds))
     states = wait_for(
         lambda: terminal(status_store, [m.request_id for r in rounds for m in r]),
         60,
@@ -132,6 +127,33 @@ def test_decides_and_persists(
     assert stale is not None
     assert stale.reason_code is not None
     assert stale.reason_code.value == "STALE_VERSION"
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_decides_and_persists(
+    own: Settings,
+    processors: Callable[..., Processor],
+    trade_store: SqlTradeStore,
+    status_store: DynamoStatusStore,
+    workers: int,
+) -> None:
+    """Scaling out is one flag: with 3 workers, each trade is still decided in order."""
+    processor = processors(own.model_copy(update={"processor_workers": workers}))
+    decided_in_order(processor.settings, trade_store, status_store)
+
+
+def test_a_cluster_of_two_processes_decides_in_order(
+    own: Settings,
+    processors: Callable[..., Processor],
+    trade_store: SqlTradeStore,
+    status_store: DynamoStatusStore,
+) -> None:
+    """Scaling across hosts: two processes started together on one shared recovery folder
+    split the partitions between them, and each trade is still decided in order."""
+    addresses = ",".join(f"127.0.0.1:{free_port()}" for _ in range(2))
+    for index in range(2):
+        processors(own, "--process-id", str(index), "--addresses", addresses)
+    decided_in_order(own, trade_store, status_store)
 
 
 def test_bad_data_goes_to_dead_letter_topic(
@@ -168,7 +190,7 @@ def test_bad_data_goes_to_dead_letter_topic(
 
 def test_restart_mid_stream_loses_nothing_and_lost_state_replays_cleanly(
     own: Settings,
-    processors: Callable[[Settings], Processor],
+    processors: Callable[..., Processor],
     trade_store: SqlTradeStore,
     status_store: DynamoStatusStore,
 ) -> None:
