@@ -88,17 +88,23 @@ def _batch_body(table: str, requests: list[dict[str, Any]]) -> bytes:
     return orjson.dumps({"RequestItems": {table: requests}})
 
 
-def _unprocessed(status: int, content: bytes, table: str) -> list[dict[str, Any]]:
-    """The put requests a BatchWriteItem reply left unprocessed; Unavailable for throttling
-    and 5xx, RuntimeError for any other error."""
+def _reply(status: int, content: bytes, operation: str) -> dict[str, Any]:
+    """A JSON API reply's body; Unavailable for throttling and 5xx, RuntimeError for any
+    other error."""
     body: dict[str, Any] = orjson.loads(content) if content else {}
     if status == 200:
-        left: list[dict[str, Any]] = body.get("UnprocessedItems", {}).get(table, [])
-        return left
+        return body
     code = str(body.get("__type", "")).rpartition("#")[2]
     if status >= 500 or code in TRANSIENT:
-        raise Unavailable(f"status store batch_write_item: {code or status}")
-    raise RuntimeError(f"status store batch_write_item: {code}: {body.get('message')}")
+        raise Unavailable(f"status store {operation}: {code or status}")
+    raise RuntimeError(f"status store {operation}: {code}: {body.get('message')}")
+
+
+def _unprocessed(status: int, content: bytes, table: str) -> list[dict[str, Any]]:
+    """The put requests a BatchWriteItem reply left unprocessed."""
+    body = _reply(status, content, "batch_write_item")
+    left: list[dict[str, Any]] = body.get("UnprocessedItems", {}).get(table, [])
+    return left
 
 
 # Delays between BatchWriteItem rounds while DynamoDB leaves items unprocessed.
@@ -106,6 +112,8 @@ BACKOFF_S = tuple(min(0.02 * 2**i, 1.0) for i in range(9))
 
 
 BATCH_TARGET = "DynamoDB_20120810.BatchWriteItem"
+GET_TARGET = "DynamoDB_20120810.BatchGetItem"
+GET_BATCH = 100  # BatchGetItem's limit
 
 
 class BatchWriter:
@@ -122,13 +130,41 @@ class BatchWriter:
         self._signer = _Signer(client)
         self._http = client._endpoint.http_session
 
-    def _send(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        request = self._signer.sign(BATCH_TARGET, _batch_body(self._table, requests))
+    def _post(self, target: str, body: bytes) -> tuple[int, bytes]:
+        request = self._signer.sign(target, body)
         try:
             response = self._http.send(request.prepare())
         except BotoCoreError as exc:
-            raise Unavailable(f"status store batch_write_item: {exc}") from exc
-        return _unprocessed(response.status_code, response.content, self._table)
+            raise Unavailable(f"status store {target}: {exc}") from exc
+        return response.status_code, response.content
+
+    def _send(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        status, content = self._post(BATCH_TARGET, _batch_body(self._table, requests))
+        return _unprocessed(status, content, self._table)
+
+    def terminal(self, request_ids: list[str]) -> set[str]:
+        """Which of up to 100 request ids hold a terminal status (consistent reads)."""
+        keys = [{"request_id": {"S": rid}} for rid in request_ids]
+        found: set[str] = set()
+        for delay in (0.0, *BACKOFF_S):
+            if not keys:
+                return found
+            time.sleep(delay)
+            wanted = {
+                "Keys": keys,
+                "ConsistentRead": True,
+                "ProjectionExpression": "request_id, #s",
+                "ExpressionAttributeNames": {"#s": "status"},
+            }
+            status, content = self._post(
+                GET_TARGET, orjson.dumps({"RequestItems": {self._table: wanted}})
+            )
+            body = _reply(status, content, "batch_get_item")
+            for item in body.get("Responses", {}).get(self._table, []):
+                if item["status"]["S"] != RequestState.PENDING.value:
+                    found.add(item["request_id"]["S"])
+            keys = body.get("UnprocessedKeys", {}).get(self._table, {}).get("Keys", [])
+        raise Unavailable(f"status store: {len(keys)} keys left unread")
 
     def put_all(self, items: list[dict[str, Any]]) -> None:
         """Put up to 25 items, retrying whatever DynamoDB leaves unprocessed."""
@@ -312,13 +348,30 @@ def _status(item: dict[str, Any]) -> RequestStatus:
 BATCH = 25  # BatchWriteItem's limit
 
 
+def _terminal(o: Outcome) -> RequestStatus:
+    """The status a logged outcome makes: every timestamp from the decision log."""
+    decided = o.logged_at()
+    return RequestStatus(
+        request_id=o.request_id,
+        state=o.state,
+        trade_id=o.trade_id,
+        version=o.version,
+        created_at=o.accepted_at or decided,
+        updated_at=decided,
+        reason_code=o.reason_code,
+        failure_reason=o.failure_reason,
+    )
+
+
 class DynamoStatusStore:
     """Status store on DynamoDB, written in BatchWriteItem batches.
 
-    Batched puts cannot be conditional, so correctness comes from ordering instead: the API
-    writes PENDING before it queues the trade (the request id is fresh, nothing to clobber),
-    and every later write is a terminal outcome that the decision log makes identical on
-    every replay, so rewriting it changes nothing. Terminal states are therefore final.
+    Batched puts cannot be conditional, so ``complete`` first reads which of its requests
+    are terminal already (BatchGetItem, consistent) and puts only the others. That is a
+    check, then a write, not one atomic step: it holds because one request's outcomes come
+    from one worker of one dataflow, in order. The API writes PENDING before it queues the
+    trade (the request id is fresh, nothing to clobber); dead letters use conditional
+    updates, one per letter (they are rare).
     """
 
     def __init__(self, client: Any, table: str, ttl_days: int, writers: int = 8) -> None:
@@ -364,26 +417,45 @@ class DynamoStatusStore:
                 raise
 
     def complete(self, outcomes: Sequence[Outcome]) -> None:
-        now = utc_now()
         items = {
-            o.request_id: _item(
-                RequestStatus(
-                    request_id=o.request_id,
-                    state=o.state,
-                    trade_id=o.trade_id,
-                    version=o.version,
-                    created_at=o.accepted_at or now,
-                    updated_at=now,
-                    reason_code=o.reason_code,
-                    failure_reason=o.failure_reason,
-                ),
-                self._expires_at(now),
-            )
-            for o in outcomes
+            o.request_id: _item(_terminal(o), self._expires_at(o.logged_at())) for o in outcomes
         }
-        chunks = [list(items.values())[i : i + BATCH] for i in range(0, len(items), BATCH)]
+        ids = list(items)
+        reads = [ids[i : i + GET_BATCH] for i in range(0, len(ids), GET_BATCH)]
+        terminal = set().union(*self._pool.map(self._writer.terminal, reads))
+        puts = [item for rid, item in items.items() if rid not in terminal]
+        chunks = [puts[i : i + BATCH] for i in range(0, len(puts), BATCH)]
         # list() re-raises the first failure after every chunk has been attempted.
         list(self._pool.map(self._writer.put_all, chunks))
+
+    def fail_pending(self, outcomes: Sequence[Outcome]) -> None:
+        for o in outcomes:
+            values: dict[str, Any] = {
+                ":pending": {"S": RequestState.PENDING.value},
+                ":state": {"S": o.state.value},
+                ":updated": {"S": o.logged_at().isoformat()},
+                ":expires": {"N": str(self._expires_at(o.logged_at()))},
+            }
+            sets = ["#s = :state", "updated_at = :updated", "expires_at = :expires"]
+            if o.reason_code is not None:
+                values[":code"] = {"S": o.reason_code.value}
+                sets.append("reason_code = :code")
+            if o.failure_reason is not None:
+                values[":reason"] = {"S": o.failure_reason}
+                sets.append("failure_reason = :reason")
+            try:
+                self._call(
+                    "update_item",
+                    TableName=self._table,
+                    Key={"request_id": {"S": o.request_id}},
+                    UpdateExpression="SET " + ", ".join(sets),
+                    ConditionExpression="#s = :pending",
+                    ExpressionAttributeNames={"#s": "status"},
+                    ExpressionAttributeValues=values,
+                )
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != CONDITION_FAILED:
+                    raise
 
     def get(self, request_id: str) -> RequestStatus | None:
         reply = self._call(

@@ -31,7 +31,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from adapters.sqlite import PRAGMAS
 from adapters.tables import trades
-from domain.decided import Decided, apply_in_queue_order
+from domain.decided import Decided, record_dead_letters, record_decisions
 from domain.ports import StoredTrade, TradeFilter, Unavailable
 from domain.status import Outcome, RequestState
 from domain.trade import ReasonCode, Trade
@@ -151,7 +151,18 @@ class SqlTradeStore:
         return self._run(lambda conn: _upsert(conn, trades_in))
 
     def record(self, decided: Sequence[Decided]) -> list[Outcome]:
-        return self._run(lambda conn: _record(conn, decided))
+        if not decided:
+            return []
+        return self._run(
+            lambda conn: record_decisions(_DecisionLog(conn), decided, datetime.now(UTC))
+        )
+
+    def record_dead_letters(self, failed: Sequence[Outcome]) -> list[Outcome]:
+        if not failed:
+            return []
+        return self._run(
+            lambda conn: record_dead_letters(_DecisionLog(conn), failed, datetime.now(UTC))
+        )
 
     def _select(self, as_of: date) -> Any:
         return select(
@@ -211,8 +222,8 @@ class _PostgresBatches:
         " WHERE trade_id = ANY(CAST(:ids AS text[])) GROUP BY trade_id"
     )
     LOGGED = text(
-        "SELECT request_id, trade_id, version, state, reason_code, failure_reason, accepted_at"
-        " FROM request_outcomes WHERE request_id = ANY(CAST(:ids AS text[]))"
+        "SELECT request_id, trade_id, version, state, reason_code, failure_reason, accepted_at,"
+        " decided_at FROM request_outcomes WHERE request_id = ANY(CAST(:ids AS text[]))"
     )
     UPSERT = text(
         "INSERT INTO trades (trade_id, version, counterparty_id, book_id, maturity_date,"
@@ -229,9 +240,10 @@ class _PostgresBatches:
     LOG = text(
         "INSERT INTO request_outcomes (request_id, trade_id, version, state, reason_code,"
         " failure_reason, accepted_at, decided_at)"
-        " SELECT u.*, :now FROM unnest(CAST(:rids AS text[]), CAST(:ids AS text[]),"
+        " SELECT * FROM unnest(CAST(:rids AS text[]), CAST(:ids AS text[]),"
         " CAST(:versions AS int[]), CAST(:states AS text[]), CAST(:codes AS text[]),"
-        " CAST(:reasons AS text[]), CAST(:accepted AS timestamptz[])) AS u"
+        " CAST(:reasons AS text[]), CAST(:accepted AS timestamptz[]),"
+        " CAST(:decided AS timestamptz[]))"
         " ON CONFLICT (request_id) DO NOTHING"
     )
 
@@ -253,11 +265,10 @@ class _PostgresBatches:
         }
         return {(tid, v) for tid, v in conn.execute(self.UPSERT, params)}
 
-    def log(self, conn: Connection, outcomes: list[Outcome], now: datetime) -> None:
+    def log(self, conn: Connection, outcomes: Sequence[Outcome]) -> None:
         conn.execute(
             self.LOG,
             {
-                "now": now,
                 "rids": [o.request_id for o in outcomes],
                 "ids": [o.trade_id for o in outcomes],
                 "versions": [o.version for o in outcomes],
@@ -265,6 +276,7 @@ class _PostgresBatches:
                 "codes": [o.reason_code.value if o.reason_code else None for o in outcomes],
                 "reasons": [o.failure_reason for o in outcomes],
                 "accepted": [o.accepted_at for o in outcomes],
+                "decided": [o.logged_at() for o in outcomes],
             },
         )
 
@@ -283,8 +295,8 @@ class _SqliteBatches:
         " WHERE trade_id IN (SELECT value FROM json_each(?)) GROUP BY trade_id"
     )
     LOGGED = (
-        "SELECT request_id, trade_id, version, state, reason_code, failure_reason, accepted_at"
-        " FROM request_outcomes WHERE request_id IN (SELECT value FROM json_each(?))"
+        "SELECT request_id, trade_id, version, state, reason_code, failure_reason, accepted_at,"
+        " decided_at FROM request_outcomes WHERE request_id IN (SELECT value FROM json_each(?))"
     )
     UPSERT = (
         "INSERT INTO trades (trade_id, version, counterparty_id, book_id, maturity_date,"
@@ -333,8 +345,7 @@ class _SqliteBatches:
             written.update((tid, v) for tid, v in cursor.fetchall())
         return written
 
-    def log(self, conn: Connection, outcomes: list[Outcome], now: datetime) -> None:
-        stamp = _sqlite_time(now)
+    def log(self, conn: Connection, outcomes: Sequence[Outcome]) -> None:
         self._cursor(conn).executemany(
             self.LOG,
             [
@@ -346,7 +357,7 @@ class _SqliteBatches:
                     o.reason_code.value if o.reason_code else None,
                     o.failure_reason,
                     _sqlite_time(o.accepted_at) if o.accepted_at else None,
-                    stamp,
+                    _sqlite_time(o.logged_at()),
                 )
                 for o in outcomes
             ],
@@ -369,10 +380,17 @@ def _upsert(conn: Connection, trades_in: Sequence[Trade]) -> set[tuple[str, int]
     return _batch_sql(conn).upsert(conn, rows, datetime.now(UTC))
 
 
+def _moment(value: datetime | str | None) -> datetime | None:
+    """A logged timestamp in UTC (SQLite keeps naive text, PostgreSQL the session's zone),
+    so a replayed outcome's status is written exactly as the first time."""
+    if value is None:
+        return None
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return as_utc(moment).astimezone(UTC)
+
+
 def _logged(row: Any) -> Outcome:
-    request_id, trade_id, version, state, code, reason, accepted_at = row
-    if isinstance(accepted_at, str):
-        accepted_at = datetime.fromisoformat(accepted_at)
+    request_id, trade_id, version, state, code, reason, accepted_at, decided_at = row
     return Outcome(
         request_id=request_id,
         trade_id=trade_id,
@@ -380,22 +398,23 @@ def _logged(row: Any) -> Outcome:
         state=RequestState(state),
         reason_code=ReasonCode(code) if code else None,
         failure_reason=reason,
-        accepted_at=as_utc(accepted_at) if accepted_at else None,
+        accepted_at=_moment(accepted_at),
+        decided_at=_moment(decided_at),
     )
 
 
-def _record(conn: Connection, decided: Sequence[Decided]) -> list[Outcome]:
-    """Skip requests already logged, apply the rest, log their outcomes; all in one txn."""
-    if not decided:
-        return []
-    batches = _batch_sql(conn)
-    ids = [d.message.request_id for d in decided]
-    logged = batches.logged(conn, ids)
-    fresh = [d for d in decided if d.message.request_id not in logged]
-    outcomes = {
-        o.request_id: o
-        for o in apply_in_queue_order(fresh, lambda trades_in: _upsert(conn, trades_in))
-    }
-    if outcomes:
-        batches.log(conn, list(outcomes.values()), datetime.now(UTC))
-    return [logged.get(rid) or outcomes[rid] for rid in ids]
+class _DecisionLog:
+    """``domain.decided.DecisionLog`` on one open transaction."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._sql = _batch_sql(conn)
+
+    def logged(self, request_ids: Sequence[str]) -> dict[str, Outcome]:
+        return self._sql.logged(self._conn, list(request_ids))
+
+    def upsert(self, trades_in: Sequence[Trade]) -> set[tuple[str, int]]:
+        return _upsert(self._conn, trades_in)
+
+    def log(self, outcomes: Sequence[Outcome]) -> None:
+        self._sql.log(self._conn, outcomes)

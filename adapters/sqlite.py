@@ -174,6 +174,13 @@ WHERE request_status.status = 'PENDING'
 """
 
 
+FAIL_PENDING = """
+UPDATE request_status
+SET status = ?, updated_at = ?, reason_code = ?, failure_reason = ?, expires_at = ?
+WHERE request_id = ? AND status = 'PENDING'
+"""
+
+
 class SqliteStatusStore:
     """Request statuses in a SQLite file, with the same contract as the DynamoDB store."""
 
@@ -242,23 +249,37 @@ class SqliteStatusStore:
         )
 
     def complete(self, outcomes: Sequence[Outcome]) -> None:
-        now = utc_now()
-        stamp, expires = now.isoformat(), self._expires(now)
+        rows = []
+        for o in outcomes:
+            decided = o.logged_at()
+            rows.append(
+                (
+                    o.request_id,
+                    o.state.value,
+                    o.trade_id,
+                    o.version,
+                    (o.accepted_at or decided).isoformat(),
+                    decided.isoformat(),
+                    o.reason_code.value if o.reason_code else None,
+                    o.failure_reason,
+                    self._expires(decided),
+                )
+            )
+        self._writer().write_all(COMPLETE, rows, "status store")
+
+    def fail_pending(self, outcomes: Sequence[Outcome]) -> None:
         rows = [
             (
-                o.request_id,
                 o.state.value,
-                o.trade_id,
-                o.version,
-                o.accepted_at.isoformat() if o.accepted_at else stamp,
-                stamp,
+                o.logged_at().isoformat(),
                 o.reason_code.value if o.reason_code else None,
                 o.failure_reason,
-                expires,
+                self._expires(o.logged_at()),
+                o.request_id,
             )
             for o in outcomes
         ]
-        self._writer().write_all(COMPLETE, rows, "status store")
+        self._writer().write_all(FAIL_PENDING, rows, "status store")
 
     def get(self, request_id: str) -> RequestStatus | None:
         try:

@@ -48,7 +48,7 @@ request_outcomes = Table(
     Column("version", Integer, nullable=False),
     Column("state", String(16), nullable=False),
     Column("reason_code", String(32)),
-    Column("failure_reason", String(256)),
+    Column("failure_reason", String(512)),
     Column("accepted_at", DateTime(timezone=True)),
     Column("decided_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )

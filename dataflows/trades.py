@@ -18,13 +18,20 @@ from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 
 from domain.decided import Decided
-from domain.message import TradeMessage, UndecodableMessage, decode
+from domain.message import (
+    MAX_ID_LENGTH,
+    MAX_REASON_LENGTH,
+    TradeMessage,
+    UndecodableMessage,
+    decode,
+    valid_id,
+)
 from domain.ports import StatusStore, TradeStore
 from domain.status import Outcome, RequestState
 from domain.trade import ReasonCode, decide, next_highest
 from sinks.dead_letter import DeadLetter
 from sinks.retry import until_available
-from sinks.stores import StatusSink, TradeSink
+from sinks.stores import DeadLetterStatusSink, TradeSink
 from sources import RawRecord
 
 log = structlog.get_logger("dataflows.trades")
@@ -77,16 +84,20 @@ def is_message(item: TradeMessage | DeadLetter) -> TypeGuard[TradeMessage]:
 
 
 def dead_letter_outcome(letter: TradeMessage | DeadLetter) -> Outcome | None:
-    """The FAILED outcome for a dead letter whose request is known."""
-    if not isinstance(letter, DeadLetter) or letter.request_id is None:
+    """The FAILED outcome for a dead letter that names a request id the API could have
+    issued (its trade_id and version are the PENDING record's: the status store keeps
+    them; the log gets the record's key, cut to an id's length)."""
+    if not isinstance(letter, DeadLetter) or not valid_id(letter.request_id):
         return None
+    assert letter.request_id is not None
+    key = letter.key.decode(errors="replace") if letter.key else ""
     return Outcome(
         request_id=letter.request_id,
-        trade_id=letter.key.decode(errors="replace") if letter.key else "",
+        trade_id=key[:MAX_ID_LENGTH],
         version=0,  # unknown: the body could not be read
         state=RequestState.FAILED,
         reason_code=ReasonCode.INVALID_MESSAGE,
-        failure_reason=letter.reason,
+        failure_reason=letter.reason[:MAX_REASON_LENGTH],
     )
 
 
@@ -169,7 +180,7 @@ def build_flow(
         "dead-letter", op.filter_map("as-dead-letter", split.falses, _as_letter), dead_letters
     )
     failed = op.filter_map("dead-letter-outcome", split.falses, dead_letter_outcome)
-    op.output("dead-letter-status", failed, StatusSink(statuses))
+    op.output("dead-letter-status", failed, DeadLetterStatusSink(trades, statuses))
 
     with_heads = op.flat_map_batch("lookup-heads", split.trues, HeadLookup(trades))
     keyed = op.key_on("by-trade-id", with_heads, trade_key)

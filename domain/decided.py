@@ -1,9 +1,12 @@
-"""A message with its decision, and the outcome that follows once the store has spoken."""
+"""A message with its decision, the outcome that follows once the store has spoken, and
+the one way decisions are recorded."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Protocol
 
 from domain.message import TradeMessage
 from domain.status import Outcome, RequestState
@@ -74,3 +77,62 @@ def outcome_of(decided: Decided, stored: bool) -> Outcome:
         reason,
         message.accepted_at,
     )
+
+
+class DecisionLog(Protocol):
+    """The primitives of recording decisions, all inside one transaction of the trade
+    store: whatever the calls do commits together or not at all."""
+
+    def logged(self, request_ids: Sequence[str]) -> dict[str, Outcome]:
+        """The logged outcome of each of ``request_ids`` that has one."""
+        ...
+
+    def upsert(self, trades: Sequence[Trade]) -> set[tuple[str, int]]:
+        """Upsert rows (the store's guard skips any below its head); the keys written."""
+        ...
+
+    def log(self, outcomes: Sequence[Outcome]) -> None:
+        """Log outcomes of requests that have none (``decided_at`` set)."""
+        ...
+
+
+def record_decisions(log: DecisionLog, decided: Sequence[Decided], now: datetime) -> list[Outcome]:
+    """Apply and log a batch of decisions; one outcome per input, in order.
+
+    A request already in the log keeps its logged outcome and is not applied again, so a
+    replay after a crash changes nothing: neither the store nor, since the outcome and its
+    ``decided_at`` come back from the log, any status written from it.
+    """
+    ids = [d.message.request_id for d in decided]
+    logged = log.logged(ids)
+    fresh: dict[str, Decided] = {}
+    for d in decided:
+        if d.message.request_id not in logged:
+            fresh.setdefault(d.message.request_id, d)
+    outcomes = [
+        replace(o, decided_at=now) for o in apply_in_queue_order(list(fresh.values()), log.upsert)
+    ]
+    if outcomes:
+        log.log(outcomes)
+    by_id = logged | {o.request_id: o for o in outcomes}
+    return [by_id[rid] for rid in ids]
+
+
+def record_dead_letters(
+    log: DecisionLog, failed: Sequence[Outcome], now: datetime
+) -> list[Outcome]:
+    """Log the FAILED outcomes of dead letters whose request is not decided yet; return
+    those the status store should take (first logged now, or on a replay, before).
+
+    A dead letter naming a request that was decided otherwise (a forged or reused
+    request_id) changes nothing: that request keeps its logged outcome and status.
+    """
+    logged = log.logged([o.request_id for o in failed])
+    fresh: dict[str, Outcome] = {}
+    for o in failed:
+        if o.request_id not in logged:
+            fresh.setdefault(o.request_id, replace(o, decided_at=now))
+    if fresh:
+        log.log(list(fresh.values()))
+    ours = {rid: o for rid, o in logged.items() if o.reason_code is ReasonCode.INVALID_MESSAGE}
+    return list((ours | fresh).values())

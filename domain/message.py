@@ -16,6 +16,7 @@ from domain.trade import Trade
 SCHEMA_VERSION = 1
 MAX_ID_LENGTH = 64
 MAX_VERSION = 2**31 - 1
+MAX_REASON_LENGTH = 512  # of a failure or dead-letter reason, wherever it is kept
 
 
 @dataclass(frozen=True, slots=True)

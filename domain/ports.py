@@ -55,12 +55,11 @@ class TradeStore(Protocol):
         ...
 
     def record(self, decided: Sequence[Decided]) -> list[Outcome]:
-        """Apply a batch of decisions in one transaction and log each request's outcome.
+        """``record_decisions`` in one transaction: apply, log, one outcome per input."""
+        ...
 
-        Idempotent by request_id: a request whose outcome is already logged is not applied
-        again and keeps its logged outcome, so replays after a crash change nothing.
-        Returns one outcome per input, in order.
-        """
+    def record_dead_letters(self, failed: Sequence[Outcome]) -> list[Outcome]:
+        """``record_dead_letters`` in one transaction: the outcomes statuses should take."""
         ...
 
     def versions(self, trade_id: str, as_of: date) -> list[StoredTrade]:
@@ -83,7 +82,10 @@ class TradeStore(Protocol):
 
 
 class StatusStore(Protocol):
-    """Request statuses by request_id. A terminal status is never changed again."""
+    """Request statuses by request_id. One contract for every implementation (proven by
+    shared contract tests): a terminal state is never replaced by a different one; a
+    rewrite of a terminal state is identical to the byte (its timestamps come from the
+    decision log); a dead letter only moves a PENDING record to FAILED."""
 
     async def put_pending(self, status: RequestStatus) -> None:
         """Durably record a new request as PENDING; called before its trade is queued."""
@@ -94,8 +96,13 @@ class StatusStore(Protocol):
         ...
 
     def complete(self, outcomes: Sequence[Outcome]) -> None:
-        """Write terminal outcomes. A request's outcome is the same on every replay (the
-        decision log sees to it), so rewriting one never changes a terminal state."""
+        """Write logged outcomes: created when absent, over PENDING, never over a terminal
+        state. ``updated_at`` is the outcome's ``decided_at``; expiry counts from it."""
+        ...
+
+    def fail_pending(self, outcomes: Sequence[Outcome]) -> None:
+        """Dead letters' logged outcomes: move a PENDING record to FAILED, keeping its
+        trade_id and version; an absent or terminal record is left as it is."""
         ...
 
     def get(self, request_id: str) -> RequestStatus | None: ...

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
@@ -37,7 +37,12 @@ class RequestStatus:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """The final state of one request, as the dataflow writes it."""
+    """The final state of one request, as the dataflow writes it.
+
+    ``decided_at`` is stamped by the decision log when the outcome is first logged, and
+    read back from it on every replay: status writes take their timestamps from it, never
+    from the clock, so rewriting a terminal status is identical to the byte.
+    """
 
     request_id: str
     trade_id: str
@@ -46,6 +51,13 @@ class Outcome:
     reason_code: ReasonCode | None = None
     failure_reason: str | None = None
     accepted_at: datetime | None = None  # when the API accepted it; None if unreadable
+    decided_at: datetime | None = field(default=None, kw_only=True)
+
+    def logged_at(self) -> datetime:
+        """When the decision log took this outcome; status stores write only logged ones."""
+        if self.decided_at is None:
+            raise ValueError(f"outcome of {self.request_id} was never logged")
+        return self.decided_at
 
     def __post_init__(self) -> None:
         if not self.state.terminal:

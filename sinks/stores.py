@@ -94,19 +94,30 @@ class TradeSink(DynamicSink[Decided]):
         return _TradePartition(self._trades(), self._statuses())
 
 
-class _StatusPartition(StatelessSinkPartition[Outcome]):
-    def __init__(self, statuses: StatusStore) -> None:
+class _DeadLetterStatusPartition(StatelessSinkPartition[Outcome]):
+    def __init__(self, trades: TradeStore, statuses: StatusStore) -> None:
+        self._trades = trades
         self._statuses = statuses
 
     def write_batch(self, items: list[Outcome]) -> None:
-        until_available(lambda: self._statuses.complete(items), "status store")
+        logged = until_available(
+            lambda: self._trades.record_dead_letters(items), "trade store (decision log)"
+        )
+        until_available(lambda: self._statuses.fail_pending(logged), "status store")
 
 
-class StatusSink(DynamicSink[Outcome]):
-    """Writes terminal outcomes; at-least-once, idempotent (a terminal state never changes)."""
+class DeadLetterStatusSink(DynamicSink[Outcome]):
+    """Fails the requests of dead letters, through the decision log like every decision:
+    a request decided otherwise keeps its outcome, and only a PENDING status turns FAILED.
+    At-least-once; idempotent (the log returns the same outcome on every replay)."""
 
-    def __init__(self, statuses: Callable[[], StatusStore]) -> None:
+    def __init__(
+        self, trades: Callable[[], TradeStore], statuses: Callable[[], StatusStore]
+    ) -> None:
+        self._trades = trades
         self._statuses = statuses
 
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _StatusPartition:
-        return _StatusPartition(self._statuses())
+    def build(
+        self, step_id: str, worker_index: int, worker_count: int
+    ) -> _DeadLetterStatusPartition:
+        return _DeadLetterStatusPartition(self._trades(), self._statuses())

@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Collection, Sequence
 from dataclasses import replace
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
-from domain.decided import Decided, apply_in_queue_order
+from domain.decided import Decided, record_dead_letters, record_decisions
 from domain.message import TradeMessage
 from domain.ports import StoredTrade, TradeFilter, Unavailable
 from domain.status import Outcome, RequestState, RequestStatus
@@ -57,12 +57,24 @@ class FakeTradeStore:
                 written.add(key)
         return written
 
+    # The DecisionLog primitives, so record() runs the real algorithm (domain.decided).
+    def logged(self, request_ids: Sequence[str]) -> dict[str, Outcome]:
+        return {rid: self.log[rid] for rid in request_ids if rid in self.log}
+
+    def upsert(self, trades: Sequence[Trade]) -> set[tuple[str, int]]:
+        return self.apply(trades)
+
+    def log_outcomes(self, outcomes: Sequence[Outcome]) -> None:
+        for o in outcomes:
+            self.log.setdefault(o.request_id, o)
+
     def record(self, decided: Sequence[Decided]) -> list[Outcome]:
         self._check()
-        fresh = [d for d in decided if d.message.request_id not in self.log]
-        for outcome in apply_in_queue_order(fresh, self.apply):
-            self.log[outcome.request_id] = outcome
-        return [self.log[d.message.request_id] for d in decided]
+        return record_decisions(_FakeLog(self), decided, now())
+
+    def record_dead_letters(self, failed: Sequence[Outcome]) -> list[Outcome]:
+        self._check()
+        return record_dead_letters(_FakeLog(self), failed, now())
 
     def _view(self, row: StoredTrade, as_of: date) -> StoredTrade:
         return replace(row, expired=row.expired or maturity_passed(row.trade.maturity_date, as_of))
@@ -104,11 +116,22 @@ class FakeTradeStore:
         self._check()
 
 
-class FakeStatusStore:
-    """Same contract as the DynamoDB store: terminal states are final."""
+class _FakeLog:
+    """The fake store as a DecisionLog (``log`` is taken by the fake's own dict)."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: FakeTradeStore) -> None:
+        self.logged = store.logged
+        self.upsert = store.upsert
+        self.log = store.log_outcomes
+
+
+class FakeStatusStore:
+    """Same contract as the real stores (domain.ports.StatusStore): terminal states are
+    final, a record expires ``ttl`` after its last write."""
+
+    def __init__(self, ttl: timedelta = timedelta(days=7)) -> None:
         self.items: dict[str, RequestStatus] = {}
+        self.ttl = ttl
         self.down = False
         self._lock = threading.Lock()
 
@@ -132,29 +155,43 @@ class FakeStatusStore:
         with self._lock:
             for o in outcomes:
                 old = self.items.get(o.request_id)
-                if old is not None and old.state.terminal:
-                    continue
-                stamp = now()
-                self.items[o.request_id] = RequestStatus(
-                    request_id=o.request_id,
-                    state=o.state,
-                    trade_id=old.trade_id if old else o.trade_id,
-                    version=old.version if old else o.version,
-                    created_at=old.created_at if old else stamp,
-                    updated_at=stamp,
-                    reason_code=o.reason_code,
-                    failure_reason=o.failure_reason,
-                )
+                if old is None or not old.state.terminal:
+                    self.items[o.request_id] = _terminal(o, old)
+
+    def fail_pending(self, outcomes: Sequence[Outcome]) -> None:
+        self._check()
+        with self._lock:
+            for o in outcomes:
+                old = self.items.get(o.request_id)
+                if old is not None and old.state is RequestState.PENDING:
+                    self.items[o.request_id] = _terminal(o, old)
 
     def get(self, request_id: str) -> RequestStatus | None:
         self._check()
-        return self.items.get(request_id)
+        status = self.items.get(request_id)
+        if status is None or status.updated_at + self.ttl < now():
+            return None
+        return status
 
     def ping(self) -> None:
         self._check()
 
     def states(self) -> dict[str, RequestState]:
         return {k: v.state for k, v in self.items.items()}
+
+
+def _terminal(o: Outcome, old: RequestStatus | None) -> RequestStatus:
+    """A terminal status as every store writes it: stamped from the decision log."""
+    return RequestStatus(
+        request_id=o.request_id,
+        state=o.state,
+        trade_id=old.trade_id if old else o.trade_id,
+        version=old.version if old else o.version,
+        created_at=old.created_at if old else (o.accepted_at or o.logged_at()),
+        updated_at=o.logged_at(),
+        reason_code=o.reason_code,
+        failure_reason=o.failure_reason,
+    )
 
 
 class FakeQueue:

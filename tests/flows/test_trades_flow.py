@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,7 @@ from bytewax.testing import TestingSource, run_main
 
 from dataflows.trades import KEY_SLOTS, WithHead, decide_in_order
 from domain.message import decode
-from domain.status import RequestState
+from domain.status import RequestState, RequestStatus
 from domain.trade import ReasonCode, Trade
 from tests.flows.conftest import TODAY, Pipeline, Record, Runner, record
 
@@ -95,22 +95,54 @@ def test_store_guard_overrides_a_diverged_decision(pipeline: Pipeline, runner: R
     assert states(pipeline) == {"r1": ("FAILED", "STALE_VERSION")}
 
 
+def pending(p: Pipeline, rid: str, trade_id: str = "k", version: int = 1) -> None:
+    """A PENDING record as the API writes it before queueing."""
+    at = datetime(2026, 11, 28, tzinfo=UTC)
+    p.statuses.items[rid] = RequestStatus(rid, RequestState.PENDING, trade_id, version, at, at)
+
+
 def test_bad_data_goes_to_dead_letters_and_flow_continues(
     pipeline: Pipeline, runner: Runner
 ) -> None:
+    pending(pipeline, "bad-1", "k", 4)
     items = [
         Record(b"k", b"not json", [("request_id", b"bad-1"), ("correlation_id", b"c")]),
         Record(None, None, []),
+        Record(b"k", b"{", [("request_id", b"never-issued")]),
         record("r1", "T1", 1),
     ]
     runner(pipeline.flow(items))
-    assert [d.reason for d in pipeline.dead] == ["value is not JSON", "value is not a JSON object"]
+    assert [d.reason for d in pipeline.dead] == [
+        "value is not JSON",
+        "value is not a JSON object",
+        "value is not JSON",
+    ]
     assert pipeline.dead[0].kafka_headers()[-1] == ("dlq_reason", b"value is not JSON")
     assert pipeline.dead[0].correlation_id == "c"
+    # Only the PENDING record turns FAILED, keeping its trade and version; no record is
+    # created for an id the API never issued.
     assert states(pipeline) == {
         "bad-1": ("FAILED", ReasonCode.INVALID_MESSAGE.value),
         "r1": ("SUCCESS", None),
     }
+    failed = pipeline.statuses.items["bad-1"]
+    assert (failed.trade_id, failed.version) == ("k", 4)
+    assert pipeline.trades.log["never-issued"].reason_code is ReasonCode.INVALID_MESSAGE
+
+
+def test_dead_letter_naming_a_decided_request_changes_nothing(
+    pipeline: Pipeline, runner: Runner
+) -> None:
+    """A record forging the request_id of a request already SUCCESS, with a body that
+    cannot be read, goes to the dead letters; the request stays SUCCESS, in the log too."""
+    runner(pipeline.flow([record("r1", "T1", 1)]))
+    before = pipeline.statuses.items["r1"]
+    forged = Record(b"T1", b"{", [("request_id", b"r1")])
+    runner(pipeline.flow([forged, record("r2", "T1", 2)]))
+    assert [d.reason for d in pipeline.dead] == ["value is not JSON"]
+    assert pipeline.statuses.items["r1"] == before
+    assert pipeline.trades.log["r1"].state is RequestState.SUCCESS
+    assert states(pipeline)["r2"] == ("SUCCESS", None)
 
 
 def test_outage_is_retried_not_dropped(pipeline: Pipeline) -> None:

@@ -1,13 +1,17 @@
-"""The status store on dynalite (DynamoDB) and on SQLite: lifecycle and terminal finality.
+"""The one status contract, on DynamoDB (the local emulator), SQLite and the fake.
 
-Every test runs against both implementations of the one contract.
+Every contract test runs against each implementation (domain.ports.StatusStore): a
+terminal state is never replaced by a different one, a rewrite of a terminal state is
+identical to the byte, a dead letter only moves a PENDING record to FAILED.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -18,14 +22,18 @@ from domain.ports import StatusStore, Unavailable
 from domain.status import Outcome, RequestState, RequestStatus
 from domain.trade import ReasonCode
 from tests.conftest import unique
+from tests.fakes import FakeStatusStore
 
 
-@pytest.fixture(scope="module", params=["dynamodb", "sqlite"])
+@pytest.fixture(scope="module", params=["dynamodb", "sqlite", "fake"])
 def store(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[StatusStore]:
     if request.param == "dynamodb":
         yield request.getfixturevalue("status_store")
+        return
+    if request.param == "fake":
+        yield FakeStatusStore()
         return
     store = SqliteStatusStore(tmp_path_factory.mktemp("status") / "status.db", ttl_days=7)
     store.ensure_schema()
@@ -33,9 +41,44 @@ def store(
     store.close()
 
 
+def raw(store: StatusStore, rid: str) -> Any:
+    """The record exactly as stored."""
+    if isinstance(store, DynamoStatusStore):
+        return store._client.get_item(
+            TableName=store._table, Key={"request_id": {"S": rid}}, ConsistentRead=True
+        ).get("Item")
+    if isinstance(store, SqliteStatusStore):
+        with sqlite3.connect(store.path) as conn:
+            return conn.execute(
+                "SELECT * FROM request_status WHERE request_id = ?", (rid,)
+            ).fetchone()
+    assert isinstance(store, FakeStatusStore)
+    return store.items.get(rid)
+
+
 def pending(rid: str, created: datetime | None = None) -> RequestStatus:
     at = created or datetime.now(UTC)
     return RequestStatus(rid, RequestState.PENDING, "T1", 3, at, at)
+
+
+def logged(
+    rid: str,
+    state: RequestState = RequestState.SUCCESS,
+    code: ReasonCode | None = None,
+    accepted_at: datetime | None = None,
+    decided_at: datetime | None = None,
+) -> Outcome:
+    """An outcome as the decision log hands it back: stamped when it was first logged."""
+    return Outcome(
+        rid,
+        "T1",
+        3,
+        state,
+        code,
+        code and f"because {code.value}",
+        accepted_at,
+        decided_at=decided_at or datetime.now(UTC) - timedelta(seconds=30),
+    )
 
 
 async def test_lifecycle(store: StatusStore) -> None:
@@ -46,31 +89,69 @@ async def test_lifecycle(store: StatusStore) -> None:
     assert got is not None
     assert got.state is RequestState.PENDING
     assert (got.trade_id, got.version) == ("T1", 3)
-    store.complete([Outcome(rid, "T1", 3, RequestState.SUCCESS, accepted_at=accepted.created_at)])
+    outcome = logged(rid, accepted_at=accepted.created_at, decided_at=datetime.now(UTC))
+    store.complete([outcome])
     done = store.get(rid)
     assert done is not None
     assert done.state is RequestState.SUCCESS
     assert done.created_at == got.created_at
-    assert done.updated_at >= got.updated_at
+    assert done.updated_at == outcome.decided_at  # from the decision log, not the clock
 
 
-async def test_replayed_outcome_changes_nothing(store: StatusStore) -> None:
+async def test_a_terminal_rewrite_is_identical_to_the_byte(store: StatusStore) -> None:
     rid = unique("r")
     await store.put_pending(pending(rid))
-    failed = Outcome(rid, "T1", 3, RequestState.FAILED, ReasonCode.STALE_VERSION, "stale")
-    store.complete([failed])
-    store.complete([failed])
-    got = store.get(rid)
-    assert got is not None
-    assert got.state is RequestState.FAILED
-    assert got.reason_code is ReasonCode.STALE_VERSION
-    assert got.failure_reason == "stale"
+    outcome = logged(rid, RequestState.FAILED, ReasonCode.STALE_VERSION)
+    store.complete([outcome])
+    first = raw(store, rid)
+    await asyncio.sleep(0.01)  # a clock-stamped rewrite would differ now
+    store.complete([outcome])
+    assert raw(store, rid) == first
+
+
+async def test_a_terminal_state_is_never_replaced_by_a_different_one(store: StatusStore) -> None:
+    rid = unique("r")
+    await store.put_pending(pending(rid))
+    store.complete([logged(rid)])
+    first = raw(store, rid)
+    store.complete([logged(rid, RequestState.FAILED, ReasonCode.STALE_VERSION)])
+    store.fail_pending([logged(rid, RequestState.FAILED, ReasonCode.INVALID_MESSAGE)])
+    assert raw(store, rid) == first
+    assert store.get(rid).state is RequestState.SUCCESS  # type: ignore[union-attr]
+
+
+async def test_a_dead_letter_only_moves_pending_to_failed(store: StatusStore) -> None:
+    waiting, never_issued = unique("r"), unique("r")
+    await store.put_pending(pending(waiting))
+    letter = Outcome(
+        waiting,
+        "some-key",
+        0,
+        RequestState.FAILED,
+        ReasonCode.INVALID_MESSAGE,
+        "value is not JSON",
+        decided_at=datetime.now(UTC),
+    )
+    store.fail_pending(
+        [letter, Outcome(never_issued, "k", 0, RequestState.FAILED, decided_at=letter.decided_at)]
+    )
+    failed = store.get(waiting)
+    assert failed is not None
+    assert (failed.state, failed.reason_code) == (RequestState.FAILED, ReasonCode.INVALID_MESSAGE)
+    assert (failed.trade_id, failed.version) == ("T1", 3)  # the PENDING record's, kept
+    assert failed.updated_at == letter.decided_at
+    assert store.get(never_issued) is None
+    assert raw(store, never_issued) is None
+    once = raw(store, waiting)
+    store.fail_pending([letter])  # a replay
+    assert raw(store, waiting) == once
 
 
 def test_outcome_without_pending_record(store: StatusStore) -> None:
-    """A dead letter whose PENDING record is gone still ends FAILED and readable."""
+    """A decided request whose PENDING record is gone (expired, or a rebuilt status store)
+    still ends terminal and readable."""
     rid = unique("r")
-    store.complete([Outcome(rid, "", 0, RequestState.FAILED, ReasonCode.INVALID_MESSAGE, "bad")])
+    store.complete([logged(rid, RequestState.FAILED, ReasonCode.STALE_VERSION)])
     got = store.get(rid)
     assert got is not None
     assert got.state is RequestState.FAILED
@@ -80,7 +161,7 @@ async def test_withdraw_removes_only_pending(store: StatusStore) -> None:
     queued, unqueued = unique("r"), unique("r")
     await store.put_pending(pending(queued))
     await store.put_pending(pending(unqueued))
-    store.complete([Outcome(queued, "T1", 3, RequestState.SUCCESS)])
+    store.complete([logged(queued)])
     await store.withdraw(unqueued)
     await store.withdraw(queued)
     assert store.get(unqueued) is None
@@ -90,10 +171,11 @@ async def test_withdraw_removes_only_pending(store: StatusStore) -> None:
 
 
 async def test_many_at_once(store: StatusStore) -> None:
-    rids = [unique("r") for _ in range(60)]
+    rids = [unique("r") for _ in range(130)]
     await asyncio.gather(*(store.put_pending(pending(r)) for r in rids))
-    outcomes = [Outcome(r, "T", 1, RequestState.SUCCESS) for r in rids]
-    store.complete(outcomes + outcomes[:5])  # duplicates in one call are fine
+    store.complete([logged(r) for r in rids[:40]])
+    outcomes = [logged(r) for r in rids]
+    store.complete(outcomes + outcomes[:5])  # duplicates, and some already terminal
     assert all(store.get(r).state is RequestState.SUCCESS for r in rids)  # type: ignore[union-attr]
 
 
@@ -102,6 +184,9 @@ async def test_expired_records_are_hidden(store: StatusStore) -> None:
     await store.put_pending(pending(rid, datetime.now(UTC) - timedelta(days=8)))
     assert store.get(rid) is None
     assert store.get(unique("absent")) is None
+    old = unique("r")
+    store.complete([logged(old, decided_at=datetime.now(UTC) - timedelta(days=8))])
+    assert store.get(old) is None  # expiry counts from the logged decision
 
 
 def test_ensure_table_is_idempotent(status_store: DynamoStatusStore) -> None:

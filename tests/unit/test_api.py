@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -206,7 +206,17 @@ def test_unknown_request_is_404(api: Api) -> None:
 def test_terminal_status_shows_reason(api: Api) -> None:
     rid = api.client.post("/api/v1/trades", json=body()).json()["request_id"]
     api.statuses.complete(
-        [Outcome(rid, "T1", 1, RequestState.FAILED, ReasonCode.STALE_VERSION, "stale")]
+        [
+            Outcome(
+                rid,
+                "T1",
+                1,
+                RequestState.FAILED,
+                ReasonCode.STALE_VERSION,
+                "stale",
+                decided_at=datetime.now(UTC),
+            )
+        ]
     )
     status = api.client.get(f"/api/v1/requests/{rid}").json()
     assert status["status"] == "FAILED"
