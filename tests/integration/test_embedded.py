@@ -198,14 +198,18 @@ def test_processor_restart_loses_nothing(
 def test_dead_letters_are_kept(embedded: Settings, children: list[subprocess.Popen[bytes]]) -> None:
     path = embedded.data_dir / "inbound.db"
     bad = unique("bad")
+    statuses = wiring.status_store(embedded)
+    now = datetime.now(UTC)
+    asyncio.run(statuses.put_pending(RequestStatus(bad, RequestState.PENDING, "T", 1, now, now)))
     with sqlite3.connect(path) as conn:
         conn.execute(
             "INSERT INTO inbound_log (partition, key, value, headers) VALUES (0, ?, ?, ?)",
             (b"T", b"garbage", f'[["request_id", "{bad}"]]'),
         )
     children.append(start("embedded-processor-dlq", ["process"], settings_env(embedded)))
-    statuses = wiring.status_store(embedded)
-    failed = wait_for(lambda: statuses.get(bad), 60, "the bad request FAILED")
+    failed = wait_for(
+        lambda: (s := statuses.get(bad)) and s.state.terminal and s, 60, "the bad request FAILED"
+    )
     assert failed.state is RequestState.FAILED
     with sqlite3.connect(path) as conn:
         reason, value = conn.execute("SELECT reason, value FROM dead_letters").fetchone()

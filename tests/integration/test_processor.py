@@ -19,7 +19,7 @@ from adapters.kafka import KafkaTradeQueue
 from adapters.sql import SqlTradeStore
 from config.settings import Settings
 from domain.message import TradeMessage, encode
-from domain.status import RequestState
+from domain.status import RequestState, RequestStatus
 from domain.trade import Trade
 from tests.conftest import settings_env, unique
 from tests.support import free_port, start, stop, wait_for
@@ -161,6 +161,9 @@ def test_bad_data_goes_to_dead_letter_topic(
 ) -> None:
     settings = processor.settings
     bad_request = unique("bad")
+    now = datetime.now(UTC)
+    pending = RequestStatus(bad_request, RequestState.PENDING, "T", 1, now, now)
+    asyncio.run(status_store.put_pending(pending))  # as the API does before queueing
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers})
     producer.produce(
         settings.inbound_topic,
