@@ -61,12 +61,18 @@ def decode_record(record: RawRecord) -> TradeMessage | DeadLetter:
             headers=list(record.headers or ()),
             request_id=exc.request_id,
             correlation_id=_header(record, "correlation_id"),
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
         )
         log.warning(
             "dead letter",
             reason=exc.reason,
             request_id=exc.request_id,
             correlation_id=letter.correlation_id,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
         )
         return letter
 

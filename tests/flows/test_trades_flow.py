@@ -99,13 +99,20 @@ def test_bad_data_goes_to_dead_letters_and_flow_continues(
     pipeline: Pipeline, runner: Runner
 ) -> None:
     items = [
-        Record(b"k", b"not json", [("request_id", b"bad-1"), ("correlation_id", b"c")]),
+        Record(b"k", b"not json", [("request_id", b"bad-1"), ("correlation_id", b"c")], "in", 3, 7),
         Record(None, None, []),
         record("r1", "T1", 1),
     ]
     runner(pipeline.flow(items))
     assert [d.reason for d in pipeline.dead] == ["value is not JSON", "value is not a JSON object"]
-    assert pipeline.dead[0].kafka_headers()[-1] == ("dlq_reason", b"value is not JSON")
+    assert pipeline.dead[0].kafka_headers() == [
+        ("request_id", b"bad-1"),
+        ("correlation_id", b"c"),
+        ("dlq_reason", b"value is not JSON"),
+        ("__connect.errors.topic", b"in"),
+        ("__connect.errors.partition", b"3"),
+        ("__connect.errors.offset", b"7"),
+    ]
     assert pipeline.dead[0].correlation_id == "c"
     assert states(pipeline) == {
         "bad-1": ("FAILED", ReasonCode.INVALID_MESSAGE.value),
