@@ -98,10 +98,10 @@ class _KafkaDeadLetterPartition(StatelessSinkPartition[DeadLetter]):
         self._max_bytes = max_bytes
 
     def _smaller(self, letter: DeadLetter) -> DeadLetter:
-        """First cut: the topic's limit less room for our headers; then half each time, so
-        a letter always ends up small enough."""
-        first = letter.original_size is None
-        cut = letter.cut_to(self._max_bytes - OWN_HEADER_ROOM if first else letter.size() // 2)
+        """Cut to the topic's limit less room for our headers or, when it is already within
+        that, to half its size: refused again and again, a letter still ends up sent."""
+        cap = self._max_bytes - OWN_HEADER_ROOM
+        cut = letter.cut_to(cap if letter.size() > cap else letter.size() // 2)
         log.warning(
             "dead letter too large, truncated",
             original_size=cut.original_size,
