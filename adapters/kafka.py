@@ -9,7 +9,14 @@ from functools import partial
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+    ResourceType,
+)
 
 from adapters.batching import resolve
 from domain.message import TradeMessage, encode
@@ -108,14 +115,56 @@ class KafkaTradeQueue:
         self._poller.join(timeout=1)
 
 
+HEADER_ROOM = 64 * 1024
+"""What a dead letter may add to the largest record of its source: dead-letter headers."""
+
+
 def ensure_topics(
-    bootstrap: str, topics: dict[str, int], replication_factor: int, timeout_s: float = 30
+    bootstrap: str,
+    topics: dict[str, int],
+    replication_factor: int,
+    dead_letters: dict[str, str] | None = None,
+    timeout_s: float = 30,
 ) -> list[str]:
-    """Create the missing topics (name → partitions); return the names created."""
+    """Create the missing topics (name → partitions); return the names created.
+
+    ``dead_letters`` maps a dead-letter topic to its source topic. Its ``max.message.bytes``
+    is made at least the source's plus ``HEADER_ROOM``, so a record as large as the source
+    takes can be dead-lettered whole: set when it is created, raised (never lowered) when an earlier
+    version created it smaller. The sources are created first, to read their limit.
+    """
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    existing = admin.list_topics(timeout=timeout_s).topics
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    sized = dead_letters or {}
+    sources = {name: parts for name, parts in topics.items() if name not in sized}
+    created = _create(admin, sources, replication_factor, existing, {}, timeout_s)
+    if sized:
+        limits = _max_message_bytes(admin, {*sized.values(), *(set(sized) & existing)}, timeout_s)
+        wanted = {dlq: limits[source] + HEADER_ROOM for dlq, source in sized.items()}
+        _raise_limits(
+            admin, {d: n for d, n in wanted.items() if d in existing and limits[d] < n}, timeout_s
+        )
+        configs = {dlq: {"max.message.bytes": str(n)} for dlq, n in wanted.items()}
+        dlqs = {name: topics[name] for name in sized}
+        created += _create(admin, dlqs, replication_factor, existing, configs, timeout_s)
+    return created
+
+
+def _create(
+    admin: AdminClient,
+    topics: dict[str, int],
+    replication_factor: int,
+    existing: set[str],
+    configs: dict[str, dict[str, str]],
+    timeout_s: float,
+) -> list[str]:
     wanted = [
-        NewTopic(name, num_partitions=parts, replication_factor=replication_factor)
+        NewTopic(
+            name,
+            num_partitions=parts,
+            replication_factor=replication_factor,
+            config=configs.get(name, {}),
+        )
         for name, parts in topics.items()
         if name not in existing
     ]
@@ -130,3 +179,49 @@ def ensure_topics(
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
     return created
+
+
+def _max_message_bytes(admin: AdminClient, topics: set[str], timeout_s: float) -> dict[str, int]:
+    """Each topic's effective ``max.message.bytes`` (its own or the broker's default)."""
+    resources = [ConfigResource(ResourceType.TOPIC, name) for name in topics]
+    described = admin.describe_configs(resources, request_timeout=timeout_s)
+    return {
+        resource.name: int(future.result()["max.message.bytes"].value)
+        for resource, future in described.items()
+    }
+
+
+def _raise_limits(admin: AdminClient, limits: dict[str, int], timeout_s: float) -> None:
+    if not limits:
+        return
+    resources = [
+        ConfigResource(
+            ResourceType.TOPIC,
+            name,
+            incremental_configs=[
+                ConfigEntry(
+                    "max.message.bytes", str(limit), incremental_operation=AlterConfigOpType.SET
+                )
+            ],
+        )
+        for name, limit in limits.items()
+    ]
+    for future in admin.incremental_alter_configs(resources, request_timeout=timeout_s).values():
+        future.result()
+
+
+def dead_letter_producer_config(bootstrap: str, topic: str, timeout_ms: int) -> dict[str, Any]:
+    """The durable producer config, its record limit the dead-letter topic's own.
+
+    One record per batch: the broker refuses a whole batch for its size, so with one record
+    a size refusal names the record at fault. Dead letters are rare; throughput is no issue.
+    """
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        limit = _max_message_bytes(admin, {topic}, timeout_ms / 1000)[topic]
+    except KafkaException as exc:
+        raise Unavailable(f"cannot read the limit of {topic}: {exc}") from exc
+    return producer_config(bootstrap, timeout_ms, linger_ms=5) | {
+        "message.max.bytes": limit,
+        "batch.num.messages": 1,
+    }

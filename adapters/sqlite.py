@@ -358,11 +358,19 @@ def decode_headers(raw: str) -> list[tuple[str, bytes]]:
     return [(k, (v or "").encode()) for k, v in json.loads(raw)]
 
 
+LOG_TOPIC = "inbound_log"
+"""The topic a log entry names (as a dead letter's source): the log's table."""
+
+
 @dataclass(frozen=True, slots=True)
 class LogRecord:
-    """One entry of the inbound log, shaped like a Kafka message for the dataflow."""
+    """One entry of the inbound log, shaped like a Kafka message for the dataflow.
+
+    Its position reads as Kafka's: topic ``inbound_log``, its partition, offset = ``seq``.
+    """
 
     seq: int
+    partition: int
     key: bytes | None
     value: bytes | None
     raw_headers: str = "[]"
@@ -371,6 +379,14 @@ class LogRecord:
     def headers(self) -> list[tuple[str, bytes]]:
         """Decoded on demand: the dataflow reads them only for an undecodable value."""
         return decode_headers(self.raw_headers)
+
+    @property
+    def topic(self) -> str:
+        return LOG_TOPIC
+
+    @property
+    def offset(self) -> int:
+        return self.seq
 
 
 class SqliteInboundLog:
@@ -422,7 +438,7 @@ def read_partition(
 ) -> list[LogRecord]:
     """The next records of one partition after ``after_seq``, in order."""
     rows = conn.execute(
-        "SELECT seq, key, value, headers FROM inbound_log"
+        "SELECT seq, partition, key, value, headers FROM inbound_log"
         " WHERE partition = ? AND seq > ? ORDER BY seq LIMIT ?",
         (partition, after_seq, limit),
     ).fetchall()

@@ -58,7 +58,11 @@ def trade_queue(settings: Settings) -> SqliteTradeQueue | KafkaTradeQueue:
 
 
 def create_topics(settings: Settings) -> list[str]:
-    """Create the inbound queue and dead letters if missing; return what was created."""
+    """Create the inbound queue and dead letters if missing; return what was created.
+
+    The dead-letter topic is sized to take any inbound record plus its headers (and an
+    existing one raised to that), so no record is too large to dead-letter whole.
+    """
     if settings.embedded:
         inbound_log(settings).ensure_schema()
         return []
@@ -66,6 +70,7 @@ def create_topics(settings: Settings) -> list[str]:
         settings.kafka_bootstrap_servers,
         {settings.inbound_topic: settings.inbound_partitions, settings.dlq_topic: 1},
         settings.replication_factor,
+        dead_letters={settings.dlq_topic: settings.inbound_topic},
     )
 
 

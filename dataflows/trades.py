@@ -20,7 +20,6 @@ from bytewax.outputs import Sink
 from domain.decided import Decided
 from domain.message import (
     MAX_ID_LENGTH,
-    MAX_REASON_LENGTH,
     TradeMessage,
     UndecodableMessage,
     decode,
@@ -68,12 +67,18 @@ def decode_record(record: RawRecord) -> TradeMessage | DeadLetter:
             headers=list(record.headers or ()),
             request_id=exc.request_id,
             correlation_id=_header(record, "correlation_id"),
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
         )
         log.warning(
             "dead letter",
             reason=exc.reason,
             request_id=exc.request_id,
             correlation_id=letter.correlation_id,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
         )
         return letter
 
@@ -97,7 +102,7 @@ def dead_letter_outcome(letter: TradeMessage | DeadLetter) -> Outcome | None:
         version=0,  # unknown: the body could not be read
         state=RequestState.FAILED,
         reason_code=ReasonCode.INVALID_MESSAGE,
-        failure_reason=letter.reason[:MAX_REASON_LENGTH],
+        failure_reason=letter.reason,  # capped where it is made (UndecodableMessage)
     )
 
 

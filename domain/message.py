@@ -16,7 +16,8 @@ from domain.trade import Trade
 SCHEMA_VERSION = 1
 MAX_ID_LENGTH = 64
 MAX_VERSION = 2**31 - 1
-MAX_REASON_LENGTH = 512  # of a failure or dead-letter reason, wherever it is kept
+MAX_REASON_CHARS = 512
+MAX_QUOTED_CHARS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,12 +32,26 @@ class TradeMessage:
 
 
 class UndecodableMessage(ValueError):
-    """A queued message that cannot become a TradeMessage; ``request_id`` when it was readable."""
+    """A queued message that cannot become a TradeMessage; ``request_id`` when it was readable.
+
+    The reason is capped at ``MAX_REASON_CHARS``: it travels into a status record (DynamoDB
+    items are limited to 400 KB) and a Kafka header, so input must never make it unbounded.
+    """
 
     def __init__(self, reason: str, request_id: str | None = None) -> None:
+        reason = _clip(reason, MAX_REASON_CHARS)
         super().__init__(reason)
         self.reason = reason
         self.request_id = request_id
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def quoted(value: object) -> str:
+    """``repr(value)`` clipped to ``MAX_QUOTED_CHARS``, for quoting input in a reason."""
+    return _clip(repr(value), MAX_QUOTED_CHARS)
 
 
 def valid_id(value: object) -> bool:
@@ -101,19 +116,23 @@ def _date(obj: dict[str, Any], name: str, request_id: str | None) -> date:
 def decode(value: bytes | None, request_id_hint: str | None = None) -> TradeMessage:
     """Parse and validate a queued value, raising UndecodableMessage with the reason.
 
-    ``request_id_hint`` (from the message headers) names the request when the body is unreadable.
+    ``request_id_hint`` (from the message headers) names the request when the body is
+    unreadable; only a valid id counts, so a forged header cannot name an unbounded one.
     """
+    if not valid_id(request_id_hint):
+        request_id_hint = None
     try:
         # str, not bytes: json.loads would first sniff a bytes value's encoding
         obj = json.loads(value.decode()) if value is not None else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, too deep, an int too long
         raise UndecodableMessage("value is not JSON", request_id_hint) from None
     if not isinstance(obj, dict):
         raise UndecodableMessage("value is not a JSON object", request_id_hint)
     request_id = obj.get("request_id")
     rid = request_id if valid_id(request_id) else request_id_hint
     if obj.get("schema_version") != SCHEMA_VERSION:
-        raise UndecodableMessage(f"unsupported schema_version {obj.get('schema_version')!r}", rid)
+        version = quoted(obj.get("schema_version"))
+        raise UndecodableMessage(f"unsupported schema_version {version}", rid)
     if rid is None or rid != request_id:
         raise UndecodableMessage("invalid 'request_id'", rid)
     trade = _field(obj, "trade", rid)

@@ -1,26 +1,38 @@
 """Dead-letter sinks: messages the dataflow cannot decode, kept with the reason.
 
-The Kafka topic in the services profile, a table of the log file when embedded.
+The Kafka topic in the services profile, a table of the log file when embedded. A dead
+letter is never dropped: one too large for the topic is cut down to fit and marked.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import structlog
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from adapters.kafka import producer_config
+from adapters.kafka import dead_letter_producer_config
 from adapters.sqlite import encode_headers, write_dead_letters
 from domain.ports import Unavailable
 from sinks.retry import until_available
 
+log = structlog.get_logger("sinks.dead_letter")
+
+# Kafka Connect's names for where a dead letter came from (DeadLetterQueueReporter).
+TOPIC_HEADER = "__connect.errors.topic"
+PARTITION_HEADER = "__connect.errors.partition"
+OFFSET_HEADER = "__connect.errors.offset"
+OWN_HEADER_ROOM = 4096
+"""Bytes kept free for the headers a dead letter adds (the reason is at most 512 characters)."""
+
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """An undecodable queued message: the original bytes plus why it was refused."""
+    """An undecodable queued message: the original bytes plus why it was refused and where
+    it was read from; ``original_size`` is set once it has been cut down to fit."""
 
     reason: str
     key: bytes | None
@@ -28,24 +40,92 @@ class DeadLetter:
     headers: list[tuple[str, bytes]] = field(default_factory=list)
     request_id: str | None = None
     correlation_id: str | None = None
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    original_size: int | None = None
 
     def kafka_headers(self) -> list[tuple[str, str | bytes | None]]:
-        """The original headers plus ``dlq_reason``, so the record can be fixed and replayed."""
-        return [*self.headers, ("dlq_reason", self.reason.encode())]
+        """The original headers plus ``dlq_reason`` and the source's topic, partition and
+        offset, so the record can be found, fixed and replayed; a cut one says so."""
+        added = [("dlq_reason", self.reason)]
+        for name, value in (
+            (TOPIC_HEADER, self.topic),
+            (PARTITION_HEADER, self.partition),
+            (OFFSET_HEADER, self.offset),
+        ):
+            if value is not None:
+                added.append((name, str(value)))
+        if self.original_size is not None:
+            added += [("dlq_truncated", "true"), ("dlq_original_size", str(self.original_size))]
+        return [*self.headers, *((name, value.encode()) for name, value in added)]
+
+    def size(self) -> int:
+        """Bytes of its key, value and original headers: what a cut can shrink."""
+        headers = sum(len(name) + len(value or b"") for name, value in self.headers)
+        return len(self.key or b"") + len(self.value or b"") + headers
+
+    def cut_to(self, limit: int) -> DeadLetter:
+        """At most ``limit`` bytes of key, original headers and value (in that order of
+        priority), marked with the size it had before any cut."""
+        key = None if self.key is None else self.key[:limit]
+        room = limit - len(key or b"")
+        headers = []
+        for name, value in self.headers:
+            need = len(name) + len(value or b"")
+            if need > room:
+                break
+            headers.append((name, value))
+            room -= need
+        return replace(
+            self,
+            key=key,
+            value=None if self.value is None else self.value[:room],
+            headers=headers,
+            original_size=self.original_size or self.size(),
+        )
+
+
+def _too_large(err: KafkaError) -> bool:
+    """The record itself is refused for its size, by librdkafka or by the broker."""
+    return err.code() in (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE)
 
 
 class _KafkaDeadLetterPartition(StatelessSinkPartition[DeadLetter]):
-    def __init__(self, producer: Producer, topic: str) -> None:
+    def __init__(self, producer: Producer, topic: str, max_bytes: int) -> None:
         self._producer = producer
         self._topic = topic
+        self._max_bytes = max_bytes
 
-    def _deliver(self, letters: list[DeadLetter]) -> None:
-        failed: list[DeadLetter] = []
+    def _smaller(self, letter: DeadLetter) -> DeadLetter:
+        """Cut to the topic's limit less room for our headers or, when it is already within
+        that, to half its size: refused again and again, a letter still ends up sent."""
+        cap = self._max_bytes - OWN_HEADER_ROOM
+        cut = letter.cut_to(cap if letter.size() > cap else letter.size() // 2)
+        log.warning(
+            "dead letter too large, truncated",
+            original_size=cut.original_size,
+            size=cut.size(),
+            topic=letter.topic,
+            partition=letter.partition,
+            offset=letter.offset,
+            request_id=letter.request_id,
+        )
+        return cut
+
+    def _round(self, letters: list[DeadLetter]) -> tuple[list[DeadLetter], list[DeadLetter]]:
+        """Produce every letter once: (to retry after an outage, cut down to send again)."""
+        retry: list[DeadLetter] = []
+        cut: list[DeadLetter] = []
+
+        def refused(letter: DeadLetter, err: KafkaError) -> None:
+            # Nothing left to cut: then the size was not the problem after all.
+            (cut if _too_large(err) and letter.size() else retry).append(letter)
 
         def on_delivery(letter: DeadLetter) -> Callable[[KafkaError | None, Message], None]:
             def callback(err: KafkaError | None, _msg: Message) -> None:
                 if err is not None:
-                    failed.append(letter)
+                    refused(letter, err)
 
             return callback
 
@@ -60,11 +140,18 @@ class _KafkaDeadLetterPartition(StatelessSinkPartition[DeadLetter]):
                 )
             except BufferError:
                 self._producer.poll(0.1)
-                failed.append(letter)
+                retry.append(letter)
+            except KafkaException as exc:
+                refused(letter, exc.args[0])
         self._producer.flush()
-        if failed:
-            letters[:] = failed
-            raise Unavailable(f"{len(failed)} dead letters not acknowledged")
+        return retry, [self._smaller(letter) for letter in cut]
+
+    def _deliver(self, letters: list[DeadLetter]) -> None:
+        while letters:
+            retry, cut = self._round(letters)
+            letters[:] = retry + cut
+            if retry:
+                raise Unavailable(f"{len(retry)} dead letters not acknowledged")
 
     def write_batch(self, items: list[DeadLetter]) -> None:
         pending = list(items)
@@ -75,7 +162,10 @@ class _KafkaDeadLetterPartition(StatelessSinkPartition[DeadLetter]):
 
 
 class KafkaDeadLetterSink(DynamicSink[DeadLetter]):
-    """Produces dead letters to the DLQ topic, acks=all; at-least-once."""
+    """Produces dead letters to the DLQ topic, acks=all; at-least-once.
+
+    The producer's record limit is the topic's own ``max.message.bytes``, read at start.
+    """
 
     def __init__(self, brokers: str, topic: str, timeout_ms: int = 10_000) -> None:
         self._brokers = brokers
@@ -85,8 +175,13 @@ class KafkaDeadLetterSink(DynamicSink[DeadLetter]):
     def build(
         self, step_id: str, worker_index: int, worker_count: int
     ) -> _KafkaDeadLetterPartition:
-        producer = Producer(producer_config(self._brokers, self._timeout_ms, linger_ms=5))
-        return _KafkaDeadLetterPartition(producer, self._topic)
+        config = until_available(
+            lambda: dead_letter_producer_config(self._brokers, self._topic, self._timeout_ms),
+            "dead-letter topic limit",
+        )
+        return _KafkaDeadLetterPartition(
+            Producer(config), self._topic, int(config["message.max.bytes"])
+        )
 
 
 class _SqliteDeadLetterPartition(StatelessSinkPartition[DeadLetter]):

@@ -10,7 +10,8 @@ from typing import Protocol
 
 
 class RawRecord(Protocol):
-    """A queued message as read: raw bytes plus headers (request_id, correlation_id)."""
+    """A queued message as read: raw bytes plus headers (request_id, correlation_id), and
+    where it was read from (topic, partition, offset), which a dead letter names."""
 
     @property
     def key(self) -> bytes | None: ...
@@ -20,3 +21,12 @@ class RawRecord(Protocol):
 
     @property
     def headers(self) -> list[tuple[str, bytes]]: ...
+
+    @property
+    def topic(self) -> str | None: ...
+
+    @property
+    def partition(self) -> int | None: ...
+
+    @property
+    def offset(self) -> int | None: ...

@@ -26,6 +26,9 @@ class Record:
     key: bytes | None
     value: bytes | None
     headers: list[tuple[str, bytes]] = field(default_factory=list)
+    topic: str | None = "inbound"
+    partition: int | None = 0
+    offset: int | None = None
 
 
 def record(

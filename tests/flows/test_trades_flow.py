@@ -106,7 +106,7 @@ def test_bad_data_goes_to_dead_letters_and_flow_continues(
 ) -> None:
     pending(pipeline, "bad-1", "k", 4)
     items = [
-        Record(b"k", b"not json", [("request_id", b"bad-1"), ("correlation_id", b"c")]),
+        Record(b"k", b"not json", [("request_id", b"bad-1"), ("correlation_id", b"c")], "in", 3, 7),
         Record(None, None, []),
         Record(b"k", b"{", [("request_id", b"never-issued")]),
         record("r1", "T1", 1),
@@ -117,7 +117,14 @@ def test_bad_data_goes_to_dead_letters_and_flow_continues(
         "value is not a JSON object",
         "value is not JSON",
     ]
-    assert pipeline.dead[0].kafka_headers()[-1] == ("dlq_reason", b"value is not JSON")
+    assert pipeline.dead[0].kafka_headers() == [
+        ("request_id", b"bad-1"),
+        ("correlation_id", b"c"),
+        ("dlq_reason", b"value is not JSON"),
+        ("__connect.errors.topic", b"in"),
+        ("__connect.errors.partition", b"3"),
+        ("__connect.errors.offset", b"7"),
+    ]
     assert pipeline.dead[0].correlation_id == "c"
     # Only the PENDING record turns FAILED, keeping its trade and version; no record is
     # created for an id the API never issued.

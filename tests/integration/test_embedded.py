@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sqlite3
 import subprocess
@@ -212,5 +213,15 @@ def test_dead_letters_are_kept(embedded: Settings, children: list[subprocess.Pop
     )
     assert failed.state is RequestState.FAILED
     with sqlite3.connect(path) as conn:
-        reason, value = conn.execute("SELECT reason, value FROM dead_letters").fetchone()
+        seq = conn.execute("SELECT max(seq) FROM inbound_log").fetchone()[0]
+        reason, value, headers = conn.execute(
+            "SELECT reason, value, headers FROM dead_letters"
+        ).fetchone()
     assert (reason, value) == ("value is not JSON", b"garbage")
+    assert json.loads(headers) == [
+        ["request_id", bad],
+        ["dlq_reason", "value is not JSON"],
+        ["__connect.errors.topic", "inbound_log"],
+        ["__connect.errors.partition", "0"],
+        ["__connect.errors.offset", str(seq)],
+    ]

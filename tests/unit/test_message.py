@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain.message import TradeMessage, UndecodableMessage, decode, encode, valid_id
+from domain.message import (
+    MAX_REASON_CHARS,
+    TradeMessage,
+    UndecodableMessage,
+    decode,
+    encode,
+    valid_id,
+)
 from domain.trade import Trade
 
 ids = st.text(
@@ -61,6 +68,8 @@ def mutate(path: list[str], value: object, delete: bool = False) -> bytes:
     [
         (b"\xff\xfe", "value is not JSON", "hint"),
         (b"not json", "value is not JSON", "hint"),
+        (b"[" * 100_000, "value is not JSON", "hint"),  # deeper than the recursion limit
+        (b'{"schema_version": ' + b"9" * 5000 + b"}", "value is not JSON", "hint"),  # int limit
         (None, "value is not a JSON object", "hint"),
         (b"[1, 2]", "value is not a JSON object", "hint"),
         (mutate(["schema_version"], 99), "unsupported schema_version 99", "r-1"),
@@ -102,3 +111,25 @@ def test_body_without_request_id_is_refused_with_header_hint() -> None:
 @pytest.mark.parametrize("value", ["", " x", "x ", "a\nb", "x" * 65, 5, None])
 def test_invalid_ids(value: object) -> None:
     assert not valid_id(value)
+
+
+def test_a_quoted_value_is_clipped() -> None:
+    """The one reason that quotes input shows at most 64 characters of it."""
+    with pytest.raises(UndecodableMessage) as caught:
+        decode(mutate(["schema_version"], "x" * 1_000_000))
+    assert caught.value.reason == "unsupported schema_version '" + "x" * 62 + "…"
+
+
+def test_every_reason_is_capped() -> None:
+    long = UndecodableMessage("y" * 10_000)
+    assert len(long.reason) == MAX_REASON_CHARS
+    assert long.reason.endswith("…")
+    assert str(long) == long.reason
+    assert UndecodableMessage("short").reason == "short"
+
+
+def test_an_invalid_request_id_header_names_no_request() -> None:
+    """A forged header cannot give a dead letter an unbounded request id."""
+    with pytest.raises(UndecodableMessage) as caught:
+        decode(b"not json", "x" * 100_000)
+    assert caught.value.request_id is None
