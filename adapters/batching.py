@@ -28,7 +28,10 @@ class Batcher(Generic[T]):
 
     At most ``writers`` batches are written at a time (1 for a single-writer store such as
     SQLite, and to let batches fill while one is in flight); a failed write fails every
-    item of its batch.
+    item of its batch. A caller that gives up (is cancelled) while its item still waits
+    takes the item out of the queue, so it is never written later; items whose callers
+    gave up while their batch was being written go to ``abandoned`` once that write ends
+    (written or maybe written: the store may have applied it), to be undone.
     """
 
     def __init__(
@@ -37,10 +40,12 @@ class Batcher(Generic[T]):
         *,
         max_batch: int,
         writers: int = 1,
+        abandoned: Callable[[list[T]], None] | None = None,
     ) -> None:
         self._write = write
         self._max_batch = max_batch
         self._writers = writers
+        self._abandoned = abandoned
         self._queued: Pending[T] = []
         self._in_flight = 0
         self._scheduled = False
@@ -48,11 +53,19 @@ class Batcher(Generic[T]):
     async def submit(self, item: T) -> None:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        self._queued.append((item, done))
+        entry = (item, done)
+        self._queued.append(entry)
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush, loop)
-        await done
+        try:
+            await done
+        except asyncio.CancelledError:
+            for i, queued in enumerate(self._queued):
+                if queued is entry:  # not yet in a batch: never to be written
+                    del self._queued[i]
+                    break
+            raise
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         self._scheduled = False
@@ -68,7 +81,10 @@ class Batcher(Generic[T]):
     ) -> None:
         self._in_flight -= 1
         error = written.exception()
+        gave_up = [item for item, done in batch if done.cancelled()]
         for _, done in batch:
             resolve(done, error)
+        if gave_up and self._abandoned is not None:
+            self._abandoned(gave_up)
         if self._queued:
             self._flush(loop)

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import boto3
 import httptools
 import orjson
+import structlog
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
@@ -24,6 +25,8 @@ from config.clock import utc_now
 from domain.ports import Unavailable
 from domain.status import Outcome, RequestState, RequestStatus
 from domain.trade import ReasonCode
+
+log = structlog.get_logger("adapters")
 
 CONDITION_FAILED = "ConditionalCheckFailedException"
 # Codes that mean "try again later", not "your request is wrong".
@@ -300,7 +303,15 @@ class AsyncBatchWriter:
 
     async def put_all(self, items: list[dict[str, Any]]) -> None:
         """Put up to 25 items, retrying whatever DynamoDB leaves unprocessed."""
-        requests = await self._send([{"PutRequest": {"Item": item}} for item in items])
+        await self._write_all([{"PutRequest": {"Item": item}} for item in items])
+
+    async def delete_all(self, items: list[dict[str, Any]]) -> None:
+        """Delete up to 25 items (by their keys), retrying whatever is left unprocessed."""
+        keys = [{"request_id": item["request_id"]} for item in items]
+        await self._write_all([{"DeleteRequest": {"Key": key}} for key in keys])
+
+    async def _write_all(self, requests: list[dict[str, Any]]) -> None:
+        requests = await self._send(requests)
         for delay in BACKOFF_S:
             if not requests:
                 return
@@ -346,6 +357,9 @@ def _status(item: dict[str, Any]) -> RequestStatus:
 
 
 BATCH = 25  # BatchWriteItem's limit
+# Tries to delete abandoned PENDING records while the store recovers; after that they
+# expire with the status TTL (nobody holds their ids).
+UNDO_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 def _terminal(o: Outcome) -> RequestStatus:
@@ -382,7 +396,10 @@ class DynamoStatusStore:
         self._writer = BatchWriter(client, table)
         self._pending_writer = AsyncBatchWriter(client, table)
         # One call in flight: requests arriving meanwhile share the next batch.
-        self._pending = Batcher(self._pending_writer.put_all, max_batch=BATCH, writers=1)
+        self._pending = Batcher(
+            self._pending_writer.put_all, max_batch=BATCH, writers=1, abandoned=self._undo
+        )
+        self._undoing: set[asyncio.Task[None]] = set()
 
     def _expires_at(self, now: datetime) -> int:
         return int((now + self._ttl).timestamp())
@@ -400,6 +417,22 @@ class DynamoStatusStore:
 
     async def put_pending(self, status: RequestStatus) -> None:
         await self._pending.submit(_item(status, self._expires_at(status.created_at)))
+
+    def _undo(self, items: list[dict[str, Any]]) -> None:
+        """Delete PENDING records whose callers gave up while they were being written."""
+        task = asyncio.get_running_loop().create_task(self._delete(items))
+        self._undoing.add(task)
+        task.add_done_callback(self._undoing.discard)
+
+    async def _delete(self, items: list[dict[str, Any]]) -> None:
+        # Unconditional: nobody was given these ids and none was queued, so no outcome exists.
+        for delay in UNDO_BACKOFF_S:
+            try:
+                await self._pending_writer.delete_all(items)
+                return
+            except Unavailable:
+                await asyncio.sleep(delay)
+        log.warning("could not delete abandoned PENDING records", count=len(items))
 
     async def withdraw(self, request_id: str) -> None:
         try:

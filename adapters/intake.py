@@ -1,24 +1,33 @@
-"""The services profile's intake: PENDING in the status store, then the trade in the queue."""
+"""The API's intake: PENDING in the status store, then the trade in the queue; and the
+bound every intake runs under, so a hung dependency costs each request a bounded wait."""
 
 from __future__ import annotations
+
+import asyncio
 
 import structlog
 
 from domain.message import TradeMessage
-from domain.ports import StatusStore, TradeQueue, Unavailable
+from domain.ports import Intake, StatusStore, TradeQueue, Unavailable
 from domain.status import RequestStatus
 
 log = structlog.get_logger("adapters")
 
 
+class Overloaded(Exception):
+    """Too many requests already wait on a dependency; the caller may retry later."""
+
+
 class PendingThenQueue:
     """Two stores, one order: PENDING first, so the dataflow's outcome can never be
     overwritten by it (status writes are unconditional batches); if the trade then cannot
-    be queued, the PENDING record is withdrawn and the caller gets Unavailable."""
+    be queued, or the caller gives up waiting for the queue, the PENDING record is
+    withdrawn and the caller gets Unavailable."""
 
     def __init__(self, statuses: StatusStore, queue: TradeQueue) -> None:
         self._statuses = statuses
         self._queue = queue
+        self._withdrawing: set[asyncio.Task[None]] = set()
 
     async def accept(self, pending: RequestStatus, message: TradeMessage) -> None:
         await self._statuses.put_pending(pending)
@@ -27,6 +36,11 @@ class PendingThenQueue:
         except Unavailable:
             await self._withdraw(message.request_id)
             raise
+        except asyncio.CancelledError:  # the caller gave up: withdraw without it
+            task = asyncio.get_running_loop().create_task(self._withdraw(message.request_id))
+            self._withdrawing.add(task)
+            task.add_done_callback(self._withdrawing.discard)
+            raise
 
     async def _withdraw(self, request_id: str) -> None:
         try:
@@ -34,3 +48,32 @@ class PendingThenQueue:
         except Unavailable as exc:
             # Its id was never returned to anyone; the status TTL removes it.
             log.warning("could not withdraw PENDING record", request_id=request_id, error=str(exc))
+
+
+class BoundedIntake:
+    """At most ``max_waiting`` requests of this worker wait on the intake at once (beyond:
+    Overloaded, at once), and none waits longer than ``timeout_s`` (then Unavailable).
+
+    A request that gives up is cancelled inside the intake, which undoes what it had
+    started (its queued PENDING write is dropped, a written one withdrawn).
+    """
+
+    def __init__(self, intake: Intake, what: str, max_waiting: int, timeout_s: float) -> None:
+        self._intake = intake
+        self._what = what
+        self._max_waiting = max_waiting
+        self._timeout_s = timeout_s
+        self.waiting = 0
+
+    async def accept(self, pending: RequestStatus, message: TradeMessage) -> None:
+        if self.waiting >= self._max_waiting:
+            raise Overloaded(f"{self.waiting} requests are waiting on the {self._what}")
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._intake.accept(pending, message)
+        except TimeoutError:
+            ms = round(self._timeout_s * 1000)
+            raise Unavailable(f"{self._what} did not answer within {ms} ms") from None
+        finally:
+            self.waiting -= 1

@@ -19,12 +19,23 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from adapters.batching import resolve
+from domain.deadline import DEADLINE_HEADER, appended_late, deadline_ms
 from domain.message import TradeMessage, encode
 from domain.ports import Unavailable
 
+# The broker stamps each message with the time it appended it: the stamp the dataflow
+# compares with the message's deadline (domain.deadline), also in the delivery report.
+INBOUND_TOPIC_CONFIG = {"message.timestamp.type": "LogAppendTime"}
+
 
 def producer_config(bootstrap: str, timeout_ms: int, linger_ms: int) -> dict[str, Any]:
-    """Durable by construction: every in-sync replica acknowledges, retries never duplicate."""
+    """Durable by construction: every in-sync replica acknowledges, retries never duplicate.
+
+    librdkafka reports every message, delivered or failed, within ``delivery.timeout.ms``
+    (alias ``message.timeout.ms``) of ``produce()``: the API's produce timeout, so the
+    delivery report decides. A message timed out while on the wire may still be appended
+    later; its deadline header makes the dataflow refuse it then.
+    """
     return {
         "bootstrap.servers": bootstrap,
         "acks": "all",
@@ -37,16 +48,29 @@ def producer_config(bootstrap: str, timeout_ms: int, linger_ms: int) -> dict[str
     }
 
 
-def _settle(reports: list[tuple[asyncio.Future[None], KafkaError | None]]) -> None:
-    for acked, err in reports:
-        failed = None if err is None else Unavailable(f"queue did not acknowledge: {err.str()}")
+Report = tuple[asyncio.Future[None], Unavailable | None]
+
+
+def _settle(reports: list[Report]) -> None:
+    for acked, failed in reports:
         resolve(acked, failed)
 
 
-def headers_of(message: TradeMessage) -> list[tuple[str, str | bytes | None]]:
+def delivery_error(err: KafkaError | None, deadline: int, msg: Message) -> Unavailable | None:
+    """What a delivery report means for the caller: None only if the message was appended
+    by its deadline, the same rule the dataflow applies to the record it reads."""
+    if err is not None:
+        return Unavailable(f"queue did not acknowledge: {err.str()}")
+    if appended_late(deadline, msg.timestamp()) is not None:
+        return Unavailable("queue acknowledged after the deadline")
+    return None
+
+
+def headers_of(message: TradeMessage, deadline: int) -> list[tuple[str, str | bytes | None]]:
     return [
         ("request_id", message.request_id.encode()),
         ("correlation_id", message.correlation_id.encode()),
+        (DEADLINE_HEADER, str(deadline).encode()),
     ]
 
 
@@ -62,9 +86,10 @@ class KafkaTradeQueue:
     def __init__(self, bootstrap: str, topic: str, timeout_ms: int, linger_ms: int) -> None:
         self._topic = topic
         self._bootstrap = bootstrap
+        self._timeout_ms = timeout_ms
         self._timeout_s = timeout_ms / 1000
         self._producer = Producer(producer_config(bootstrap, timeout_ms, linger_ms))
-        self._reports: list[tuple[asyncio.Future[None], KafkaError | None]] = []
+        self._reports: list[Report] = []
         self._running = True
         self._poller = threading.Thread(target=self._poll, name="kafka-poll", daemon=True)
         self._poller.start()
@@ -83,18 +108,21 @@ class KafkaTradeQueue:
                     with contextlib.suppress(RuntimeError):  # that loop has closed
                         loop.call_soon_threadsafe(_settle, settled)
 
-    def _delivered(self, acked: asyncio.Future[None], err: KafkaError | None, _: Message) -> None:
-        self._reports.append((acked, err))
+    def _delivered(
+        self, acked: asyncio.Future[None], deadline: int, err: KafkaError | None, msg: Message
+    ) -> None:
+        self._reports.append((acked, delivery_error(err, deadline, msg)))
 
     async def publish(self, message: TradeMessage) -> None:
         acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        deadline = deadline_ms(message.accepted_at, self._timeout_ms)
         try:
             self._producer.produce(
                 self._topic,
                 key=message.trade.trade_id.encode(),
                 value=encode(message),
-                headers=headers_of(message),
-                on_delivery=partial(self._delivered, acked),
+                headers=headers_of(message, deadline),
+                on_delivery=partial(self._delivered, acked, deadline),
             )
         except (BufferError, KafkaException) as exc:
             raise Unavailable(f"queue refused the message: {exc}") from exc
@@ -124,29 +152,31 @@ def ensure_topics(
     topics: dict[str, int],
     replication_factor: int,
     dead_letters: dict[str, str] | None = None,
+    configs: dict[str, dict[str, str]] | None = None,
     timeout_s: float = 30,
 ) -> list[str]:
-    """Create the missing topics (name → partitions); return the names created.
+    """Create the missing topics (name → partitions, with ``configs[name]``); return the
+    names created.
 
     ``dead_letters`` maps a dead-letter topic to its source topic. Its ``max.message.bytes``
     is made at least the source's plus ``HEADER_ROOM``, so a record as large as the source
-    takes can be dead-lettered whole: set when it is created, raised (never lowered) when an earlier
-    version created it smaller. The sources are created first, to read their limit.
+    takes can be dead-lettered whole: set when it is created, raised (never lowered) when an
+    earlier version created it smaller. The sources are created first, to read their limit.
     """
     admin = AdminClient({"bootstrap.servers": bootstrap})
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     sized = dead_letters or {}
     sources = {name: parts for name, parts in topics.items() if name not in sized}
-    created = _create(admin, sources, replication_factor, existing, {}, timeout_s)
+    created = _create(admin, sources, replication_factor, existing, configs or {}, timeout_s)
     if sized:
         limits = _max_message_bytes(admin, {*sized.values(), *(set(sized) & existing)}, timeout_s)
         wanted = {dlq: limits[source] + HEADER_ROOM for dlq, source in sized.items()}
         _raise_limits(
             admin, {d: n for d, n in wanted.items() if d in existing and limits[d] < n}, timeout_s
         )
-        configs = {dlq: {"max.message.bytes": str(n)} for dlq, n in wanted.items()}
+        limited = {dlq: {"max.message.bytes": str(n)} for dlq, n in wanted.items()}
         dlqs = {name: topics[name] for name in sized}
-        created += _create(admin, dlqs, replication_factor, existing, configs, timeout_s)
+        created += _create(admin, dlqs, replication_factor, existing, limited, timeout_s)
     return created
 
 

@@ -14,7 +14,7 @@ import structlog
 
 from adapters.dynamodb import DynamoStatusStore, make_client
 from adapters.intake import PendingThenQueue
-from adapters.kafka import KafkaTradeQueue, ensure_topics
+from adapters.kafka import INBOUND_TOPIC_CONFIG, KafkaTradeQueue, ensure_topics
 from adapters.sql import SqlTradeStore, make_engine
 from adapters.sqlite import SqliteInboundLog, SqliteIntake, SqliteStatusStore, SqliteTradeQueue
 from config.settings import Settings
@@ -71,6 +71,7 @@ def create_topics(settings: Settings) -> list[str]:
         {settings.inbound_topic: settings.inbound_partitions, settings.dlq_topic: 1},
         settings.replication_factor,
         dead_letters={settings.dlq_topic: settings.inbound_topic},
+        configs={settings.inbound_topic: INBOUND_TOPIC_CONFIG},
     )
 
 

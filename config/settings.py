@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     api_workers: int = Field(default=1, ge=1)
     max_body_bytes: int = Field(default=16_384, ge=256)
     retry_after_seconds: int = Field(default=5, ge=1)
+    # Requests of one API worker waiting on the intake at once; beyond it, 429 at once.
+    max_waiting_requests: int = Field(default=2_000, ge=1)
     business_timezone: str = "UTC"
 
     # PostgreSQL trade store

@@ -17,6 +17,7 @@ from bytewax.dataflow import Dataflow, Stream
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 
+from domain.deadline import appended_late, deadline_of
 from domain.decided import Decided
 from domain.message import (
     MAX_ID_LENGTH,
@@ -53,6 +54,9 @@ def _header(record: RawRecord, name: str) -> str | None:
 
 def decode_record(record: RawRecord) -> TradeMessage | DeadLetter:
     """Parse a queued record; anything unusable becomes a dead letter, never an exception."""
+    stamp = getattr(record, "timestamp", None)  # Kafka's (type, ms); the embedded log has none
+    if stamp is not None and (late := appended_late(deadline_of(record.headers), stamp)):
+        return _dead_letter(record, late, None)  # answered 503 and withdrawn: no status
     try:
         return decode(record.value)
     except UndecodableMessage:
@@ -60,27 +64,31 @@ def decode_record(record: RawRecord) -> TradeMessage | DeadLetter:
     try:  # only an unusable body needs the headers, to name its request
         return decode(record.value, _header(record, "request_id"))
     except UndecodableMessage as exc:
-        letter = DeadLetter(
-            reason=exc.reason,
-            key=record.key,
-            value=record.value,
-            headers=list(record.headers or ()),
-            request_id=exc.request_id,
-            correlation_id=_header(record, "correlation_id"),
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-        )
-        log.warning(
-            "dead letter",
-            reason=exc.reason,
-            request_id=exc.request_id,
-            correlation_id=letter.correlation_id,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-        )
-        return letter
+        return _dead_letter(record, exc.reason, exc.request_id)
+
+
+def _dead_letter(record: RawRecord, reason: str, request_id: str | None) -> DeadLetter:
+    letter = DeadLetter(
+        reason=reason,
+        key=record.key,
+        value=record.value,
+        headers=list(record.headers or ()),
+        request_id=request_id,
+        correlation_id=_header(record, "correlation_id"),
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+    )
+    log.warning(
+        "dead letter",
+        reason=reason,
+        request_id=request_id,
+        correlation_id=letter.correlation_id,
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+    )
+    return letter
 
 
 def is_message(item: TradeMessage | DeadLetter) -> TypeGuard[TradeMessage]:

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 import structlog
 from fastapi import FastAPI
 
+from adapters.intake import BoundedIntake
 from adapters.wiring import Services, api_services
 from config.logs import configure_logging
 from config.runtime import tune_gc
@@ -17,6 +18,8 @@ from ingest_api.middleware import BodyLimitMiddleware, CorrelationMiddleware
 from ingest_api.routes import router
 
 log = structlog.get_logger("ingest_api")
+# Beyond the produce timeout, so the queue's own delivery report decides when it can.
+INTAKE_GRACE_S = 0.5
 
 
 def create_app(
@@ -32,6 +35,12 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
         app.state.services = services(settings)
+        app.state.services.intake = BoundedIntake(
+            app.state.services.intake,
+            "inbound log" if settings.embedded else "status store or queue",
+            settings.max_waiting_requests,
+            settings.produce_timeout_ms / 1000 + INTAKE_GRACE_S,
+        )
         tune_gc()
         log.info("api started")
         try:

@@ -5,14 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from adapters.intake import Overloaded
 from domain.ports import Unavailable
 
 MEDIA_TYPE = "application/problem+json"
+log = structlog.get_logger("ingest_api")
+# The dependencies a 503 may name; an adapter's own error text stays in the log.
+DEPENDENCIES = ("status store or queue", "status store", "inbound log", "trade store", "queue")
 
 
 class ProblemError(Exception):
@@ -58,6 +63,12 @@ def _errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     ]
 
 
+def dependency_of(exc: Exception) -> str:
+    """Which dependency an Unavailable is about, by the name its message starts with."""
+    text = str(exc)
+    return next((name for name in DEPENDENCIES if text.startswith(name)), "dependency")
+
+
 def install(app: FastAPI, retry_after_seconds: int) -> None:
     """Map validation errors, HTTP errors, domain rejections and outages to problem+json."""
 
@@ -80,10 +91,20 @@ def install(app: FastAPI, retry_after_seconds: int) -> None:
         return problem_response(exc.status, exc.code, exc.title, field=exc.field)
 
     async def on_unavailable(_: Request, exc: Exception) -> Response:
+        log.warning("dependency unavailable", error=str(exc))
         return problem_response(
             503,
             "SERVICE_UNAVAILABLE",
             "A dependency is unavailable; retry later",
+            detail=f"The {dependency_of(exc)} is unavailable or did not answer in time",
+            headers={"Retry-After": str(retry_after_seconds)},
+        )
+
+    async def on_overloaded(_: Request, exc: Exception) -> Response:
+        return problem_response(
+            429,
+            "TOO_MANY_REQUESTS",
+            "Too many requests are waiting; retry later",
             detail=str(exc),
             headers={"Retry-After": str(retry_after_seconds)},
         )
@@ -100,4 +121,5 @@ def install(app: FastAPI, retry_after_seconds: int) -> None:
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(ProblemError, on_problem)
     app.add_exception_handler(Unavailable, on_unavailable)
+    app.add_exception_handler(Overloaded, on_overloaded)
     app.add_exception_handler(HTTPException, on_http)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, date, datetime
+from dataclasses import replace
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from adapters.kafka import KafkaTradeQueue, ensure_topics
+from adapters.kafka import INBOUND_TOPIC_CONFIG, KafkaTradeQueue, ensure_topics
 from config.settings import Settings
+from domain.deadline import LOG_APPEND_TIME, appended_late, deadline_ms, deadline_of
 from domain.message import TradeMessage, decode
 from domain.ports import Unavailable
 from domain.trade import Trade
@@ -71,3 +73,29 @@ async def test_unreachable_broker_is_unavailable() -> None:
     with pytest.raises(Unavailable):
         queue.ping()
     queue.close()
+
+
+async def test_the_broker_stamps_the_append_and_a_late_one_is_not_acknowledged(
+    migrated: Settings,
+) -> None:
+    """The inbound topic is created with LogAppendTime, so the delivery report and the
+    consumer see the broker's append stamp; a message appended after the deadline it
+    carries is refused by the API (503), the same rule by which the dataflow drops it."""
+    topic = unique("stamped")
+    ensure_topics(
+        migrated.kafka_bootstrap_servers, {topic: 1}, 1, configs={topic: INBOUND_TOPIC_CONFIG}
+    )
+    queue = KafkaTradeQueue(migrated.kafka_bootstrap_servers, topic, 5000, 1)
+    on_time = message("T-on-time")
+    await queue.publish(on_time)
+    late = replace(message("T-late"), accepted_at=datetime.now(UTC) - timedelta(seconds=6))
+    with pytest.raises(Unavailable, match="after the deadline"):
+        await queue.publish(late)
+    queue.close()
+    got = read_all(migrated.kafka_bootstrap_servers, topic, 1, 2)
+    stamps = {m.key(): m.timestamp() for m in got}  # type: ignore[attr-defined]
+    assert {kind for kind, _ in stamps.values()} == {LOG_APPEND_TIME}
+    deadlines = {m.key(): deadline_of(m.headers()) for m in got}  # type: ignore[attr-defined]
+    assert deadlines[b"T-on-time"] == deadline_ms(on_time.accepted_at, 5000)
+    assert appended_late(deadlines[b"T-on-time"], stamps[b"T-on-time"]) is None
+    assert appended_late(deadlines[b"T-late"], stamps[b"T-late"]) is not None

@@ -15,9 +15,10 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from adapters import wiring
 from adapters.dynamodb import DynamoStatusStore
-from adapters.kafka import KafkaTradeQueue
+from adapters.kafka import KafkaTradeQueue, headers_of
 from adapters.sql import SqlTradeStore
 from config.settings import Settings
+from domain.deadline import deadline_ms
 from domain.message import TradeMessage, encode
 from domain.status import RequestState, RequestStatus
 from domain.trade import Trade
@@ -249,3 +250,34 @@ def publish_sentinels(settings: Settings) -> list[str]:
         sentinels.append(m.request_id)
     producer.flush(10)
     return sentinels
+
+
+def test_a_record_appended_after_its_deadline_is_refused(
+    processor: Processor, trade_store: SqlTradeStore, status_store: DynamoStatusStore
+) -> None:
+    """A message the API answered 503 for, written by the broker later anyway (as after a
+    frozen broker resumes), is dead-lettered: not stored, and its request gets no status."""
+    settings = processor.settings
+    late = message(unique("T-late"), 1)
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    overdue = deadline_ms(late.accepted_at - timedelta(seconds=10), settings.produce_timeout_ms)
+    producer.produce(
+        settings.inbound_topic,
+        key=late.trade.trade_id.encode(),
+        value=encode(late),
+        headers=headers_of(late, overdue),
+    )
+    producer.flush(10)
+    good = message(unique("T"), 1)
+    asyncio.run(publish(settings, [[good]]))
+    wait_for(lambda: terminal(status_store, [good.request_id]), 60, "the good request terminal")
+
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": "t"})
+    consumer.assign([TopicPartition(settings.dlq_topic, 0, 0)])
+    letters = wait_for(lambda: consumer.consume(10, 0.5), 30, "a dead letter")
+    consumer.close()
+    assert [letter.value() for letter in letters] == [encode(late)]
+    reason = dict(letters[0].headers())["dlq_reason"].decode()
+    assert reason.startswith("queued after the API answered 503")
+    assert status_store.get(late.request_id) is None
+    assert trade_store.versions(late.trade.trade_id, TODAY) == []

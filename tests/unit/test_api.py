@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -15,9 +18,11 @@ from adapters.wiring import Services
 from config.clock import business_today
 from config.settings import Settings
 from domain.message import TradeMessage
-from domain.status import Outcome, RequestState
+from domain.ports import Unavailable
+from domain.status import Outcome, RequestState, RequestStatus
 from domain.trade import ReasonCode, Trade
 from ingest_api.app import create_app
+from ingest_api.problems import dependency_of
 from tests.fakes import FakeQueue, FakeStatusStore, FakeTradeStore
 
 TODAY = business_today("UTC")
@@ -317,3 +322,79 @@ def test_method_not_allowed_is_problem(api: Api) -> None:
     reply = api.client.delete("/api/v1/trades")
     assert reply.status_code == 405
     assert reply.json()["code"] == "METHOD_NOT_ALLOWED"
+
+
+class HungStatusStore(FakeStatusStore):
+    """Accepts PENDING writes and never answers, like a frozen status store."""
+
+    async def put_pending(self, status: RequestStatus) -> None:
+        await asyncio.Event().wait()
+
+
+class HungQueue(FakeQueue):
+    """Takes messages and never acknowledges them, like a frozen broker."""
+
+    async def publish(self, message: TradeMessage) -> None:
+        await asyncio.Event().wait()
+
+
+def hung_api(statuses: FakeStatusStore, queue: FakeQueue, **settings: int) -> TestClient:
+    app = create_app(
+        Settings(profile="services", produce_timeout_ms=300, retry_after_seconds=7, **settings),  # type: ignore[arg-type]
+        services=lambda _: Services(
+            FakeTradeStore(), statuses, queue, PendingThenQueue(statuses, queue)
+        ),
+    )
+    return TestClient(app)
+
+
+def test_a_hung_status_store_is_503_within_the_produce_timeout() -> None:
+    with hung_api(HungStatusStore(), FakeQueue()) as client:
+        started = time.monotonic()
+        reply = client.post("/api/v1/trades", json=body())
+        took = time.monotonic() - started
+    assert reply.status_code == 503
+    assert reply.headers["retry-after"] == "7"
+    assert 0.3 <= took < 0.3 + 0.5 + 0.3  # produce timeout + the grace, + slack for the test
+    assert (
+        reply.json()["detail"]
+        == "The status store or queue is unavailable or did not answer in time"
+    )
+
+
+def test_a_hung_queue_is_503_and_the_pending_record_is_withdrawn() -> None:
+    statuses = FakeStatusStore()
+    with hung_api(statuses, HungQueue()) as client:
+        started = time.monotonic()
+        reply = client.post("/api/v1/trades", json=body())
+        took = time.monotonic() - started
+        client.get("/api/v1/health/live")  # one more turn of the loop: the withdrawal ran
+    assert reply.status_code == 503
+    assert took < 0.3 + 0.5 + 0.3
+    assert statuses.items == {}
+
+
+def test_requests_over_the_waiting_cap_get_429_at_once() -> None:
+    with hung_api(HungStatusStore(), FakeQueue(), max_waiting_requests=1) as client:
+        waiting = threading.Thread(
+            target=client.post, args=("/api/v1/trades",), kwargs={"json": body()}
+        )
+        waiting.start()
+        time.sleep(0.1)  # the first request now waits on the status store
+        started = time.monotonic()
+        reply = client.post("/api/v1/trades", json=body())
+        took = time.monotonic() - started
+        waiting.join()
+        after = client.post("/api/v1/trades", json=body())
+    assert reply.status_code == 429
+    assert reply.headers["retry-after"] == "7"
+    assert reply.json()["code"] == "TOO_MANY_REQUESTS"
+    assert took < 0.1
+    assert after.status_code == 503  # the cap counts waiting requests, not requests ever made
+
+
+def test_a_503_names_the_dependency_not_its_error() -> None:
+    """The adapter's own error text (file names, SQLite errors) stays in the log."""
+    assert dependency_of(Unavailable("inbound log: database is locked")) == "inbound log"
+    assert dependency_of(Unavailable("status store batch_write_item: timeout")) == "status store"
+    assert dependency_of(Unavailable("something else")) == "dependency"

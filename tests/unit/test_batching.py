@@ -74,3 +74,33 @@ async def test_a_cancelled_caller_does_not_disturb_the_others() -> None:
     with pytest.raises(asyncio.CancelledError):
         await doomed
     assert store.batches == [[1, 2]]  # written all the same: the write had begun
+
+
+async def test_a_caller_giving_up_while_queued_is_never_written() -> None:
+    """A request that gave up (its PENDING record never returned to anyone) must not be
+    written later, when the store answers again."""
+    store = Store(delay=0.05)
+    abandoned: list[list[int]] = []
+    batcher: Batcher[int] = Batcher(store.write, max_batch=10, abandoned=abandoned.append)
+    first = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0.01)  # 0 is being written; 1 and 2 wait behind it
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.01):
+            await batcher.submit(1)
+    await asyncio.gather(first, batcher.submit(2))
+    assert store.batches == [[0], [2]]
+    assert abandoned == []
+
+
+async def test_callers_giving_up_during_their_write_are_handed_back() -> None:
+    """Their items may be stored (the write went on): they go to ``abandoned`` to be undone."""
+    store = Store(delay=0.05)
+    abandoned: list[list[int]] = []
+    batcher: Batcher[int] = Batcher(store.write, max_batch=10, abandoned=abandoned.append)
+    doomed = asyncio.ensure_future(batcher.submit(1))
+    kept = asyncio.ensure_future(batcher.submit(2))
+    await asyncio.sleep(0.01)
+    doomed.cancel()
+    await kept
+    assert store.batches == [[1, 2]]
+    assert abandoned == [[1]]
