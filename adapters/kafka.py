@@ -12,6 +12,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from adapters.batching import resolve
+from config.logs import kafka_logger
 from domain.message import TradeMessage, encode
 from domain.ports import Unavailable
 
@@ -27,6 +28,7 @@ def producer_config(bootstrap: str, timeout_ms: int, linger_ms: int) -> dict[str
         "request.timeout.ms": min(timeout_ms, 30_000),
         "socket.connection.setup.timeout.ms": max(1_000, min(timeout_ms, 10_000)),
         "compression.type": "lz4",
+        "logger": kafka_logger(),
     }
 
 
@@ -112,7 +114,7 @@ def ensure_topics(
     bootstrap: str, topics: dict[str, int], replication_factor: int, timeout_s: float = 30
 ) -> list[str]:
     """Create the missing topics (name → partitions); return the names created."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": kafka_logger()})  # type: ignore[dict-item]
     existing = admin.list_topics(timeout=timeout_s).topics
     wanted = [
         NewTopic(name, num_partitions=parts, replication_factor=replication_factor)
