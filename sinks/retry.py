@@ -2,12 +2,13 @@
 
 Waiting is logged, rate-limited: an outage gives one line when it starts, at most one per
 ``LOG_EVERY_S`` while it lasts and one when it ends; a call that neither fails nor returns
-(a frozen dependency) is reported by the watchdog after ``BLOCKED_AFTER_S``, then at the
-same rate.
+(a frozen dependency) is reported by the watchdog after ``BLOCKED_AFTER_S``, at the same
+rate per dependency.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +31,7 @@ BLOCKED_AFTER_S = 5.0
 class _Call:
     what: str
     since: float
-    reported: float | None = None
+    reported: bool = False
 
 
 class Watchdog:
@@ -46,6 +47,7 @@ class Watchdog:
         self._check_every_s = check_every_s  # None: no thread, check() is called by hand
         self._blocked_after_s = blocked_after_s
         self._calls: set[_Call] = set()
+        self._reported: dict[str, float] = {}  # dependency → when last logged blocked
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -64,24 +66,27 @@ class Watchdog:
         finally:
             with self._lock:
                 self._calls.discard(call)
-            if call.reported is not None:
+            if call.reported:
                 log.info(
-                    "dependency call returned",
+                    "dependency call ended",
                     what=what,
                     blocked_s=round(self._clock() - call.since, 1),
                 )
 
     def check(self) -> None:
-        """Log each call blocked for ``blocked_after_s``, again every ``LOG_EVERY_S``."""
+        """Log each call blocked for ``blocked_after_s``; one line per dependency per
+        ``LOG_EVERY_S`` at most, however many calls wait on it or time out in turn."""
         now = self._clock()
         with self._lock:
             calls = list(self._calls)
         for call in calls:
-            due = call.since + self._blocked_after_s
-            if call.reported is not None:
-                due = call.reported + LOG_EVERY_S
+            due = max(
+                call.since + self._blocked_after_s,
+                self._reported.get(call.what, -math.inf) + LOG_EVERY_S,
+            )
             if now >= due:
-                call.reported = now
+                call.reported = True
+                self._reported[call.what] = now
                 log.warning(
                     "dependency call blocked", what=call.what, blocked_s=round(now - call.since, 1)
                 )

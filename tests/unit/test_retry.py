@@ -92,7 +92,7 @@ def test_other_errors_escalate_at_once(cap: LogCapture) -> None:
     assert cap.entries == []
 
 
-def test_a_blocked_call_is_logged_after_5_s_then_every_10_s_and_when_it_returns(
+def test_a_blocked_call_is_logged_after_5_s_then_every_10_s_and_when_it_ends(
     cap: LogCapture,
 ) -> None:
     clock = Clock()
@@ -105,10 +105,33 @@ def test_a_blocked_call_is_logged_after_5_s_then_every_10_s_and_when_it_returns(
     assert [(e["event"], e.get("blocked_s")) for e in cap.entries] == [
         ("dependency call blocked", 5.0),
         ("dependency call blocked", 15.0),
-        ("dependency call returned", 17.0),
+        ("dependency call ended", 17.0),
     ]
     watchdog.check()  # nothing in flight any more
     assert len(cap.entries) == 3
+
+
+def test_calls_blocked_in_turn_on_one_dependency_give_one_line_per_10_s(
+    cap: LogCapture,
+) -> None:
+    """A frozen dependency: each attempt blocks until its own timeout, then is retried."""
+    clock = Clock()
+    watchdog = Watchdog(clock, check_every_s=None)
+    for _ in range(10):  # 10 attempts of 6 s each
+        with watchdog.watching("trade store"):
+            for _ in range(6):
+                clock.now += 1
+                watchdog.check()
+    blocked = [e["blocked_s"] for e in cap.entries if e["event"] == "dependency call blocked"]
+    assert blocked == [5.0] * 5  # at 5, 17, 29, 41 and 53 s of the 60
+    assert [e["event"] for e in cap.entries].count("dependency call ended") == 5
+    with watchdog.watching("status store"):  # another dependency has its own limit
+        clock.now += 5
+        watchdog.check()
+    assert [(e["event"], e["what"]) for e in cap.entries[-2:]] == [
+        ("dependency call blocked", "status store"),
+        ("dependency call ended", "status store"),
+    ]
 
 
 def test_until_available_tells_the_watchdog_what_it_waits_on(cap: LogCapture) -> None:
@@ -123,7 +146,7 @@ def test_until_available_tells_the_watchdog_what_it_waits_on(cap: LogCapture) ->
     assert until_available(hangs_for_a_while, "trade store", watchdog=watchdog) == "late"
     assert [(e["event"], e["what"]) for e in cap.entries] == [
         ("dependency call blocked", "trade store"),
-        ("dependency call returned", "trade store"),
+        ("dependency call ended", "trade store"),
     ]
 
 
@@ -142,5 +165,5 @@ def test_the_watchdog_thread_reports_a_real_blocked_call(cap: LogCapture) -> Non
     until_available(lambda: time.sleep(0.3), "trade store", watchdog=watchdog)
     assert [e["event"] for e in cap.entries] == [
         "dependency call blocked",
-        "dependency call returned",
+        "dependency call ended",
     ]
