@@ -118,13 +118,14 @@ def until_available(
     attempt = 1
     started = logged = 0.0
     while True:
+        begun = clock()
         try:
             with watchdog.watching(what):
                 result = action()
         except Unavailable as exc:
             now = clock()
-            if attempt == 1:
-                started = logged = now
+            if attempt == 1:  # the outage began with this call, however long it blocked
+                started, logged = begun, now
                 log.warning("dependency unavailable, retrying", what=what, error=str(exc))
             elif now - logged >= LOG_EVERY_S:
                 logged = now

@@ -167,3 +167,21 @@ def test_the_watchdog_thread_reports_a_real_blocked_call(cap: LogCapture) -> Non
         "dependency call blocked",
         "dependency call ended",
     ]
+
+
+def test_the_outage_counts_from_the_start_of_the_call_that_failed(cap: LogCapture) -> None:
+    """A frozen store's first call blocks until its timeout before it fails."""
+    clock = Clock()
+    calls = 0
+
+    def times_out_once() -> str:
+        nonlocal calls
+        calls += 1
+        clock.now += 7
+        if calls == 1:
+            raise Unavailable("no reply in 7 s")
+        return "done"
+
+    until_available(times_out_once, "trade store", sleep=clock.sleep, clock=clock)
+    assert cap.entries[-1]["event"] == "dependency available again"
+    assert cap.entries[-1]["outage_s"] == 14.1  # 7 s blocked, 0.1 s backoff, 7 s to answer
