@@ -19,6 +19,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from adapters.batching import resolve
+from config.logs import kafka_logger
 from domain.deadline import DEADLINE_HEADER, appended_late, deadline_ms
 from domain.message import TradeMessage, encode
 from domain.ports import Unavailable
@@ -45,6 +46,7 @@ def producer_config(bootstrap: str, timeout_ms: int, linger_ms: int) -> dict[str
         "request.timeout.ms": min(timeout_ms, 30_000),
         "socket.connection.setup.timeout.ms": max(1_000, min(timeout_ms, 10_000)),
         "compression.type": "lz4",
+        "logger": kafka_logger(),
     }
 
 
@@ -143,6 +145,10 @@ class KafkaTradeQueue:
         self._poller.join(timeout=1)
 
 
+def _admin(bootstrap: str) -> AdminClient:
+    return AdminClient({"bootstrap.servers": bootstrap, "logger": kafka_logger()})  # type: ignore[dict-item]
+
+
 HEADER_ROOM = 64 * 1024
 """What a dead letter may add to the largest record of its source: dead-letter headers."""
 
@@ -163,7 +169,7 @@ def ensure_topics(
     takes can be dead-lettered whole: set when it is created, raised (never lowered) when an
     earlier version created it smaller. The sources are created first, to read their limit.
     """
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = _admin(bootstrap)
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     sized = dead_letters or {}
     sources = {name: parts for name, parts in topics.items() if name not in sized}
@@ -246,7 +252,7 @@ def dead_letter_producer_config(bootstrap: str, topic: str, timeout_ms: int) -> 
     One record per batch: the broker refuses a whole batch for its size, so with one record
     a size refusal names the record at fault. Dead letters are rare; throughput is no issue.
     """
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = _admin(bootstrap)
     try:
         limit = _max_message_bytes(admin, {topic}, timeout_ms / 1000)[topic]
     except KafkaException as exc:

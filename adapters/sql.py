@@ -10,8 +10,11 @@ import json
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
+from functools import partial
 from typing import Any, TypeVar
 
+import psycopg
+from psycopg.abc import RV, PQGen
 from psycopg.types.array import ListBinaryDumper
 from sqlalchemy import (
     ColumnElement,
@@ -39,22 +42,69 @@ from domain.trade import ReasonCode, Trade
 T = TypeVar("T")
 
 
-def make_engine(url: str, pool_size: int = 10) -> Engine:
-    """A pooled engine: pre-pinged for PostgreSQL, WAL with a busy timeout for SQLite."""
+def make_engine(url: str, pool_size: int = 10, statement_timeout_ms: int = 5_000) -> Engine:
+    """A pooled engine: pre-pinged for PostgreSQL, WAL with a busy timeout for SQLite.
+
+    Every PostgreSQL call is bounded: connecting by ``connect_timeout``; a statement, and a
+    transaction left idle, by the server after ``statement_timeout_ms``; and any wait for a
+    reply by the client, ``REPLY_GRACE_S`` later (see ``_BoundedConnection``).
+    """
     if url.startswith("sqlite"):
         engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+    timeouts = (
+        f"-c statement_timeout={statement_timeout_ms}"
+        f" -c idle_in_transaction_session_timeout={statement_timeout_ms}"
+    )
     engine = create_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_recycle=1800,
-        connect_args={"connect_timeout": 5},
+        connect_args={"connect_timeout": 5, "options": timeouts},
     )
+    reply_timeout_s = statement_timeout_ms / 1000 + REPLY_GRACE_S
+    event.listen(engine, "do_connect", partial(_bounded_connect, reply_timeout_s))
     event.listen(engine, "connect", _binary_arrays)
     return engine
+
+
+# Time for the server's own statement_timeout error to arrive before the client gives up.
+REPLY_GRACE_S = 2.0
+
+
+class _BoundedConnection(psycopg.Connection[Any]):
+    """A psycopg connection that stops waiting for a server that stops answering.
+
+    A frozen server (SIGSTOP, a hung host) enforces no statement_timeout, and its kernel
+    still acknowledges every packet, so TCP keepalives and tcp_user_timeout never fire (a
+    frozen proxy left a query blocked for 20 s with both set to 2 s). So every wait for a
+    reply is bounded here; on expiry the connection is closed, as its protocol state is
+    unknown, which SQLAlchemy treats as a disconnect.
+    """
+
+    reply_timeout_s: float
+
+    def wait(self, gen: PQGen[RV], interval: float = 0.1, timeout: float | None = None) -> RV:
+        if timeout is not None:  # psycopg's own bounded waits handle their timeout
+            return super().wait(gen, interval, timeout)
+        try:
+            return super().wait(gen, interval, self.reply_timeout_s)
+        except psycopg.errors._WaitTimeout as exc:  # documented by wait(), though private
+            self.pgconn.finish()
+            raise psycopg.errors.ConnectionTimeout(
+                f"no reply from the server in {self.reply_timeout_s:g} s; connection closed"
+            ) from exc
+
+
+def _bounded_connect(
+    reply_timeout_s: float, _dialect: Any, _record: Any, cargs: Any, cparams: Any
+) -> _BoundedConnection:
+    conn = _BoundedConnection.connect(*cargs, **cparams)
+    conn.reply_timeout_s = reply_timeout_s
+    return conn
 
 
 def _binary_arrays(dbapi_connection: Any, _record: Any) -> None:

@@ -24,7 +24,11 @@ log = structlog.get_logger("adapters")
 
 
 def trade_store(settings: Settings) -> SqlTradeStore:
-    return SqlTradeStore(make_engine(settings.trade_store_url, settings.db_pool_size))
+    return SqlTradeStore(
+        make_engine(
+            settings.trade_store_url, settings.db_pool_size, settings.db_statement_timeout_ms
+        )
+    )
 
 
 def status_store(settings: Settings) -> SqliteStatusStore | DynamoStatusStore:

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
         "postgresql+psycopg://trade_store:trade_store@127.0.0.1:55432/trade_store"
     )
     db_pool_size: int = Field(default=10, ge=1)
+    db_statement_timeout_ms: int = Field(default=5_000, ge=100)
 
     # Kafka queue
     kafka_bootstrap_servers: str = "127.0.0.1:9092"

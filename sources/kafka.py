@@ -12,6 +12,8 @@ from bytewax.connectors.kafka import KafkaError, KafkaSourceMessage
 from bytewax.connectors.kafka import operators as kop
 from bytewax.dataflow import Dataflow, Stream
 
+from config.logs import kafka_logger
+
 log = structlog.get_logger("sources.kafka")
 
 
@@ -29,7 +31,7 @@ def kafka_inbound(
         flow,
         brokers=brokers.split(","),
         topics=[topic],
-        add_config={"enable.partition.eof": "false"},
+        add_config={"enable.partition.eof": "false", "logger": kafka_logger()},  # type: ignore[dict-item]
         batch_size=batch_size,
     )
     op.inspect("log-consumer-errors", out.errs, log_consumer_error)
