@@ -9,6 +9,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from adapters.kafka import KafkaTradeQueue, ensure_topics
+from config.clock import business_today
 from config.settings import Settings
 from domain.message import TradeMessage, decode
 from domain.ports import Unavailable
@@ -20,9 +21,9 @@ def message(trade_id: str) -> TradeMessage:
     return TradeMessage(
         request_id=str(uuid.uuid4()),
         correlation_id="corr-1",
-        accepted_on=date.today(),
+        accepted_on=business_today("UTC"),
         accepted_at=datetime.now(UTC),
-        trade=Trade(trade_id, 1, "CP", "B", date(2099, 1, 1), date.today()),
+        trade=Trade(trade_id, 1, "CP", "B", date(2099, 1, 1), business_today("UTC")),
     )
 
 
