@@ -6,11 +6,12 @@ import signal
 import socket
 import subprocess
 import sys
-from datetime import date, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 
+from config.clock import business_today
 from config.settings import Settings
 from tests.conftest import settings_env
 from tests.support import free_port, start, stop, wait_for
@@ -27,7 +28,7 @@ def test_restart_keeps_trades_and_statuses(tmp_path: Path) -> None:
     settings = Settings(profile="embedded", data_dir=tmp_path / "data", port=free_port())
     env = settings_env(settings)
     client = httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=10)
-    maturity = (date.today() + timedelta(days=30)).isoformat()
+    maturity = (business_today("UTC") + timedelta(days=30)).isoformat()
 
     first = start("dev-first", ["dev"], env)
     wait_for(lambda: healthy(client), 60, "first start healthy")

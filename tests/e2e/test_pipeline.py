@@ -18,12 +18,13 @@ import httpx
 import pytest
 
 from adapters import wiring
+from config.clock import business_today
 from config.settings import Settings
 from domain.trade import Trade
 from tests.conftest import settings_env, unique
 from tests.support import free_port, start, stop, wait_for
 
-TODAY = date.today()
+TODAY = business_today("UTC")
 
 
 @dataclass

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from adapters.sqlite import (
     partition_of,
     read_partition,
 )
+from config.clock import business_today
 from config.settings import Settings
 from domain.message import TradeMessage, decode
 from domain.ports import Unavailable
@@ -31,7 +32,7 @@ from domain.trade import Trade
 from tests.conftest import settings_env, unique
 from tests.support import start, stop, wait_for
 
-TODAY = date.today()
+TODAY = business_today("UTC")
 
 
 def message(trade_id: str, version: int) -> TradeMessage:

@@ -10,6 +10,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from adapters.kafka import INBOUND_TOPIC_CONFIG, KafkaTradeQueue, ensure_topics
+from config.clock import business_today
 from config.settings import Settings
 from domain.deadline import LOG_APPEND_TIME, appended_late, deadline_ms, deadline_of
 from domain.message import TradeMessage, decode
@@ -22,9 +23,9 @@ def message(trade_id: str) -> TradeMessage:
     return TradeMessage(
         request_id=str(uuid.uuid4()),
         correlation_id="corr-1",
-        accepted_on=date.today(),
+        accepted_on=business_today("UTC"),
         accepted_at=datetime.now(UTC),
-        trade=Trade(trade_id, 1, "CP", "B", date(2099, 1, 1), date.today()),
+        trade=Trade(trade_id, 1, "CP", "B", date(2099, 1, 1), business_today("UTC")),
     )
 
 

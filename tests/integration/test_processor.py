@@ -7,7 +7,7 @@ import shutil
 import signal
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ from adapters import wiring
 from adapters.dynamodb import DynamoStatusStore
 from adapters.kafka import KafkaTradeQueue, headers_of
 from adapters.sql import SqlTradeStore
+from config.clock import business_today
 from config.settings import Settings
 from domain.deadline import deadline_ms
 from domain.message import TradeMessage, encode
@@ -25,7 +26,7 @@ from domain.trade import Trade
 from tests.conftest import settings_env, unique
 from tests.support import free_port, start, stop, wait_for
 
-TODAY = date.today()
+TODAY = business_today("UTC")
 
 
 @pytest.fixture

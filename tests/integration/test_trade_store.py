@@ -8,12 +8,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import text
 
 from adapters.sql import SqlTradeStore, make_engine
+from config.clock import business_today
 from config.settings import Settings
 from domain.decided import Decided
 from domain.message import TradeMessage
@@ -21,8 +23,20 @@ from domain.ports import TradeFilter, Unavailable
 from domain.status import RequestState
 from domain.trade import Accepted, Trade
 from tests.conftest import settings_env, unique
+from tests.support import wait_for
 
-TODAY = date.today()
+TODAY = business_today("UTC")
+RAW_INSERT = text(
+    "INSERT INTO trades (trade_id, version, counterparty_id, book_id, maturity_date,"
+    " created_date, created_at, updated_at)"
+    " VALUES (:t, :v, 'CP', 'B', CURRENT_DATE, CURRENT_DATE, CURRENT_TIMESTAMP,"
+    " CURRENT_TIMESTAMP)"
+)
+BLOCKED_BY = text(
+    "SELECT l.pid, l.locktype FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+    " WHERE NOT l.granted AND a.wait_event_type = 'Lock'"
+    " AND :holder = ANY(pg_blocking_pids(l.pid))"
+)
 
 
 @pytest.fixture(scope="module", params=["postgres", "sqlite"])
@@ -96,15 +110,9 @@ def test_guard_holds_for_any_client(store_url: str) -> None:
     """Invariant 7 lives in the database: raw SQL can neither insert below nor re-key a row."""
     engine = make_engine(store_url)
     tid = unique("T")
-    insert = text(
-        "INSERT INTO trades (trade_id, version, counterparty_id, book_id, maturity_date,"
-        " created_date, created_at, updated_at)"
-        " VALUES (:t, :v, 'CP', 'B', CURRENT_DATE, CURRENT_DATE, CURRENT_TIMESTAMP,"
-        " CURRENT_TIMESTAMP)"
-    )
     with engine.begin() as conn:
-        conn.execute(insert, {"t": tid, "v": 5})
-        conn.execute(insert, {"t": tid, "v": 4})
+        conn.execute(RAW_INSERT, {"t": tid, "v": 5})
+        conn.execute(RAW_INSERT, {"t": tid, "v": 4})
         versions = conn.execute(text("SELECT version FROM trades WHERE trade_id = :t"), {"t": tid})
         assert versions.scalars().all() == [5]
     with pytest.raises(Exception, match="immutable"), engine.begin() as conn:
@@ -112,29 +120,41 @@ def test_guard_holds_for_any_client(store_url: str) -> None:
     engine.dispose()
 
 
-def test_concurrent_writers_cannot_store_below_the_head(trade_store: SqlTradeStore) -> None:
-    """Two threads race v1..v20 of the same trade_ids; the guard keeps the store monotonic."""
-    ids = [unique("T") for _ in range(5)]
-    errors: list[BaseException] = []
+def test_concurrent_writers_cannot_store_below_the_head(migrated: Settings) -> None:
+    """PostgreSQL's per-trade lock: while one transaction holds v5 uncommitted, a writer of v4
+    waits for it (seen in pg_locks), then the guard sees v5 and skips v4. Without the lock,
+    v4 would not wait: the guard's EXISTS cannot see the uncommitted v5, and both would land.
+    A writer of another trade_id does not wait."""
+    engine = make_engine(migrated.trade_store_url)
+    store = SqlTradeStore(engine)
+    tid = unique("T")
+    written: list[set[tuple[str, int]]] = []
+    with engine.connect() as holder:
+        holding = holder.begin()
+        holder.execute(RAW_INSERT, {"t": tid, "v": 5})
+        holder_pid = holder.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        writer = threading.Thread(target=lambda: written.append(store.apply([trade(tid, 4)])))
+        writer.start()
 
-    def writer(versions: range) -> None:
-        try:
-            for v in versions:
-                trade_store.apply([trade(tid, v) for tid in ids])
-        except BaseException as exc:  # pragma: no cover - surfaced below
-            errors.append(exc)
+        def waiting() -> list[Any]:
+            # A fresh transaction per look: pg_stat_activity is a snapshot per transaction.
+            with engine.connect() as watcher:
+                return watcher.execute(BLOCKED_BY, {"holder": holder_pid}).all()
 
-    threads = [threading.Thread(target=writer, args=(r,)) for r in (range(20, 0, -1), range(1, 21))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
-    for tid in ids:
-        versions = [r.trade.version for r in trade_store.versions(tid, TODAY)]
-        assert versions[-1] == 20
-        # The descending writer stored 20 first, so nothing below 20 was written after it.
-        assert all(v <= 20 for v in versions)
+        blocked = wait_for(waiting, 10, "the v4 writer to wait for the v5 holder")
+        assert len(blocked) == 1, blocked
+        other = unique("T")
+        elsewhere = threading.Thread(target=lambda: store.apply([trade(other, 1)]))
+        elsewhere.start()
+        elsewhere.join(10)
+        assert not elsewhere.is_alive(), "a writer of another trade_id waited too"
+        assert writer.is_alive()
+        assert written == []
+        holding.commit()
+    writer.join(10)
+    assert written == [set()]
+    assert [r.trade.version for r in store.versions(tid, TODAY)] == [5]
+    engine.dispose()
 
 
 def test_page_is_byte_ordered_and_keyset(trade_store: SqlTradeStore) -> None:
