@@ -172,6 +172,9 @@ def dedupe_last(trades_in: Sequence[Trade]) -> list[Trade]:
     return [last[key] for key in sorted(last)]
 
 
+EXPIRE_CHUNK = 10_000  # rows per expiry statement: ~0.2 s on PostgreSQL here
+
+
 class SqlTradeStore:
     """The trade store; the version guard is a trigger in the database (see migrations)."""
 
@@ -252,13 +255,31 @@ class SqlTradeStore:
         )
         return self._run(lambda conn: [_stored(r) for r in conn.execute(query)])
 
-    def expire(self, as_of: date) -> int:
-        stmt = (
-            update(trades)
+    def expire(self, as_of: date, chunk: int = EXPIRE_CHUNK) -> int:
+        """In chunks of ``chunk`` rows, one transaction each: however many trades mature on
+        one day, no statement outlives the statement timeout, and a sweep cut short by an
+        outage keeps what it did."""
+        due = (
+            select(trades.c.trade_id, trades.c.version)
             .where(~trades.c.expired, trades.c.maturity_date < as_of)
-            .values(expired=True, updated_at=datetime.now(UTC))
+            .limit(chunk)
         )
-        return self._run(lambda conn: conn.execute(stmt).rowcount)
+        key = tuple_(trades.c.trade_id, trades.c.version)
+
+        def one_chunk(conn: Connection) -> int:
+            stmt = (
+                update(trades)
+                .where(key.in_(due))
+                .values(expired=True, updated_at=datetime.now(UTC))
+            )
+            return conn.execute(stmt).rowcount
+
+        total = 0
+        while True:
+            count = self._run(one_chunk)
+            total += count
+            if count < chunk:
+                return total
 
     def ping(self) -> None:
         self._run(lambda conn: conn.execute(text("SELECT 1")))

@@ -197,3 +197,14 @@ def test_unreachable_database_is_unavailable() -> None:
     store = SqlTradeStore(make_engine("postgresql+psycopg://x:y@127.0.0.1:1/none"))
     with pytest.raises(Unavailable):
         store.ping()
+
+
+def test_expiry_sweeps_in_chunks_until_nothing_is_due(trade_store: SqlTradeStore) -> None:
+    """Each chunk is its own statement (none may outlive the statement timeout), and the
+    sweep goes on until a chunk comes back short."""
+    tid = unique("T")
+    trade_store.apply([trade(tid, v, days=-5) for v in range(1, 8)])
+    trade_store.expire(TODAY - timedelta(days=30))  # nothing due yet on that date
+    assert trade_store.expire(TODAY, chunk=3) >= 7
+    assert all(r.expired for r in trade_store.versions(tid, TODAY - timedelta(days=30)))
+    assert trade_store.expire(TODAY, chunk=3) == 0
