@@ -70,18 +70,18 @@ class Periodic(threading.Thread):
     def __init__(self, name: str, every_s: float) -> None:
         super().__init__(name=name, daemon=True)
         self._every_s = every_s
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def tick(self) -> None:
         raise NotImplementedError
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             self.tick()
-            self._stop.wait(self._every_s)
+            self._stopping.wait(self._every_s)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
 
 
 class ExpirySweeper(Periodic):
