@@ -23,6 +23,7 @@ from sqlalchemy import (
     Row,
     and_,
     create_engine,
+    delete,
     event,
     or_,
     select,
@@ -32,8 +33,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from adapters.sqlite import PRAGMAS
-from adapters.tables import trades
+from adapters.sqlite import DELETE_CHUNK, PRAGMAS
+from adapters.tables import request_outcomes, trades
 from domain.decided import Decided, record_dead_letters, record_decisions
 from domain.ports import StoredTrade, TradeFilter, Unavailable
 from domain.status import Outcome, RequestState
@@ -279,6 +280,23 @@ class SqlTradeStore:
             count = self._run(one_chunk)
             total += count
             if count < chunk:
+                return total
+
+    def delete_outcomes(self, decided_before: datetime) -> int:
+        """Delete decision-log rows decided before ``decided_before``, a chunk per
+        transaction so the sink never waits long behind the sweep; return how many."""
+        oldest = (
+            select(request_outcomes.c.request_id)
+            # UTC: SQLite's DateTime drops the zone, and every stored time is UTC.
+            .where(request_outcomes.c.decided_at < decided_before.astimezone(UTC))
+            .limit(DELETE_CHUNK)
+        )
+        stmt = delete(request_outcomes).where(request_outcomes.c.request_id.in_(oldest))
+        total = 0
+        while True:
+            count: int = self._run(lambda conn: conn.execute(stmt).rowcount)
+            total += count
+            if count < DELETE_CHUNK:
                 return total
 
     def ping(self) -> None:

@@ -15,11 +15,11 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -159,6 +159,23 @@ def statements(sql: str, what: str) -> Callable[[Writer, list[Params]], None]:
     return lambda writer, rows: writer.write_all(sql, rows, what)
 
 
+# Retention deletes run a chunk per transaction, so the API's group commits and the sink
+# never wait long behind the sweep for the file's one write lock.
+DELETE_CHUNK = 5000
+
+
+def delete_in_chunks(writer: Writer, sql: str, params: Params, what: str) -> int:
+    """Run a ``DELETE ... IN (SELECT ... LIMIT ?)`` until a chunk comes back short; return
+    how many rows went. ``sql``'s last parameter is the chunk size."""
+    total = 0
+    while True:
+        with writer.transaction(what) as conn:
+            count = conn.execute(sql, (*params, DELETE_CHUNK)).rowcount
+        total += count
+        if count < DELETE_CHUNK:
+            return total
+
+
 STATUS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS request_status (
     request_id TEXT PRIMARY KEY,
@@ -191,6 +208,11 @@ ON CONFLICT (request_id) DO UPDATE SET
     reason_code = excluded.reason_code, failure_reason = excluded.failure_reason,
     expires_at = excluded.expires_at
 WHERE request_status.status = 'PENDING'
+"""
+
+DELETE_EXPIRED = """
+DELETE FROM request_status WHERE rowid IN (
+    SELECT rowid FROM request_status WHERE expires_at < ? LIMIT ?)
 """
 
 
@@ -301,6 +323,15 @@ class SqliteStatusStore:
         ]
         self._writer().write_all(FAIL_PENDING, rows, "status store")
 
+    def delete_expired(self, now: datetime) -> int:
+        """Delete the records that expired before ``now`` (reads already treat them as
+        gone; DynamoDB's TTL does the same in the services profile); return how many."""
+        writer = Writer(self.path)
+        try:
+            return delete_in_chunks(writer, DELETE_EXPIRED, (int(now.timestamp()),), "status store")
+        finally:
+            writer.close()
+
     def get(self, request_id: str) -> RequestStatus | None:
         try:
             row = (
@@ -338,13 +369,16 @@ class SqliteStatusStore:
         self._pending.close()
 
 
+# accepted_at (unix seconds) dates an entry for retention; files from before it had the
+# column get it added, NULL in their old rows (see SqliteInboundLog.delete_read).
 LOG_SCHEMA = """
 CREATE TABLE IF NOT EXISTS inbound_log (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     partition INTEGER NOT NULL,
     key BLOB,
     value BLOB,
-    headers TEXT NOT NULL
+    headers TEXT NOT NULL,
+    accepted_at INTEGER
 );
 CREATE INDEX IF NOT EXISTS inbound_log_partition_seq ON inbound_log (partition, seq);
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -355,12 +389,33 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     headers TEXT NOT NULL,
     created_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS log_meta (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 """
 
-APPEND = "INSERT INTO inbound_log (partition, key, value, headers) VALUES (?, ?, ?, ?)"
+APPEND = (
+    "INSERT INTO inbound_log (partition, key, value, headers, accepted_at) VALUES (?, ?, ?, ?, ?)"
+)
 DEAD_LETTER = (
     "INSERT INTO dead_letters (reason, key, value, headers, created_at) VALUES (?, ?, ?, ?, ?)"
 )
+# Entries are appended in order of acceptance (to within a group commit), so the first
+# entry accepted at or after the cut-off bounds everything older.
+FIRST_ACCEPTED_SINCE = "SELECT seq FROM inbound_log WHERE accepted_at >= ? ORDER BY seq LIMIT 1"
+DELETE_READ = """
+DELETE FROM inbound_log WHERE seq IN (
+    SELECT seq FROM inbound_log WHERE partition = ? AND seq <= ? ORDER BY seq LIMIT ?)
+"""
+DELETE_DEAD_LETTERS = """
+DELETE FROM dead_letters WHERE seq IN (
+    SELECT seq FROM dead_letters WHERE created_at < ? ORDER BY seq LIMIT ?)
+"""
+
+
+class PartitionCountMismatch(ValueError):
+    """The log file was written with another partition count than the setting asks for."""
 
 
 def partition_of(key: str, partitions: int) -> int:
@@ -422,9 +477,36 @@ class SqliteInboundLog:
         self._appender: GroupCommit[Params] | None = None
 
     def ensure_schema(self) -> None:
-        conn = connect(self.path)
-        conn.executescript(LOG_SCHEMA)
-        conn.close()
+        """Create or upgrade the file, and refuse a partition count it was not written with.
+
+        The count is recorded when the file is created (a file from before the record
+        adopts the current setting, once): another count would route trade_ids to other
+        partitions, breaking per-trade order (raised) or stranding entries (lowered).
+        """
+        writer = Writer(self.path)
+        try:
+            writer.conn.executescript(LOG_SCHEMA)
+            with writer.transaction("inbound log") as conn:
+                columns = {row[1] for row in conn.execute("PRAGMA table_info(inbound_log)")}
+                if "accepted_at" not in columns:
+                    conn.execute("ALTER TABLE inbound_log ADD COLUMN accepted_at INTEGER")
+                conn.execute(
+                    "INSERT OR IGNORE INTO log_meta (name, value) VALUES ('partitions', ?)",
+                    (self.partitions,),
+                )
+                (recorded,) = conn.execute(
+                    "SELECT value FROM log_meta WHERE name = 'partitions'"
+                ).fetchone()
+        finally:
+            writer.close()
+        if recorded != self.partitions:
+            raise PartitionCountMismatch(
+                f"{self.path} was created with {recorded} partitions but"
+                f" TRADE_STORE_INBOUND_PARTITIONS is {self.partitions}: set"
+                f" TRADE_STORE_INBOUND_PARTITIONS={recorded}, or, to change the count, let"
+                " the processor drain this log and start on a new data folder"
+                " (another count would re-route trade_ids: out of order, or never read)"
+            )
 
     def row(self, message: TradeMessage) -> Params:
         key = message.trade.trade_id
@@ -434,6 +516,7 @@ class SqliteInboundLog:
             key.encode(),
             encode(message),
             encode_headers(headers),
+            int(message.accepted_at.timestamp()),
         )
 
     async def append(self, message: TradeMessage) -> None:
@@ -447,6 +530,27 @@ class SqliteInboundLog:
         rows = [self.row(m) for m in messages]
         write_once(self.path, APPEND, rows, "inbound log")
         return len(rows)
+
+    def delete_read(self, positions: Mapping[int, int], accepted_before: datetime) -> int:
+        """Delete the entries no reader will read again and accepted before
+        ``accepted_before``; return how many.
+
+        ``positions`` holds, per partition, the seq its reader resumes after at the earliest
+        (what the recovery snapshots record); a partition without one keeps everything.
+        Entries from before ``accepted_at`` was recorded (NULL) count as old enough.
+        """
+        writer = Writer(self.path)
+        try:
+            young = writer.conn.execute(
+                FIRST_ACCEPTED_SINCE, (int(accepted_before.timestamp()),)
+            ).fetchone()
+            total = 0
+            for partition, seq in sorted(positions.items()):
+                upto = seq if young is None else min(seq, young[0] - 1)
+                total += delete_in_chunks(writer, DELETE_READ, (partition, upto), "inbound log")
+            return total
+        finally:
+            writer.close()
 
     def close(self) -> None:
         if self._appender is not None:
@@ -471,6 +575,16 @@ def write_dead_letters(
     """Store (reason, key, value, headers-json) rows in the log file's dead_letters table."""
     now = utc_now().isoformat()
     write_once(path, DEAD_LETTER, [(*letter, now) for letter in letters], "dead letters")
+
+
+def delete_dead_letters(path: Path, created_before: datetime) -> int:
+    """Delete the dead letters stored before ``created_before``; return how many."""
+    writer = Writer(path)
+    try:
+        before = created_before.astimezone(UTC).isoformat()
+        return delete_in_chunks(writer, DELETE_DEAD_LETTERS, (before,), "dead letters")
+    finally:
+        writer.close()
 
 
 class SqliteTradeQueue:

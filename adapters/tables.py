@@ -7,6 +7,7 @@ from sqlalchemy import (
     Column,
     Date,
     DateTime,
+    Index,
     Integer,
     MetaData,
     String,
@@ -52,3 +53,5 @@ request_outcomes = Table(
     Column("accepted_at", DateTime(timezone=True)),
     Column("decided_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
+# The retention sweep deletes by age (migration 0002).
+Index("ix_request_outcomes_decided_at", request_outcomes.c.decided_at)

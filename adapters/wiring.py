@@ -16,7 +16,13 @@ from adapters.dynamodb import DynamoStatusStore, make_client
 from adapters.intake import PendingThenQueue
 from adapters.kafka import INBOUND_TOPIC_CONFIG, KafkaTradeQueue, ensure_topics
 from adapters.sql import SqlTradeStore, make_engine
-from adapters.sqlite import SqliteInboundLog, SqliteIntake, SqliteStatusStore, SqliteTradeQueue
+from adapters.sqlite import (
+    PartitionCountMismatch,
+    SqliteInboundLog,
+    SqliteIntake,
+    SqliteStatusStore,
+    SqliteTradeQueue,
+)
 from config.settings import Settings
 from domain.ports import Intake, StatusStore, TradeQueue, TradeStore
 
@@ -110,6 +116,8 @@ def api_services(settings: Settings) -> Services:
     """The API's adapters; the queue is created if missing, as on the processor's first start."""
     try:
         create_topics(settings)
+    except PartitionCountMismatch:
+        raise  # the wrong setting, not an outage: never start on it
     except Exception as exc:  # the API still starts; health reports the queue
         log.warning("could not create the inbound queue", error=str(exc))
     statuses = status_store(settings)

@@ -22,6 +22,7 @@ def migrate(settings: Settings) -> None:
 
     if settings.embedded:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        wiring.inbound_log(settings).ensure_schema()  # refuses another partition count
     config = Config()
     config.set_main_option("script_location", str(Path(migrations.__file__).parent))
     config.set_main_option("sqlalchemy.url", settings.trade_store_url.replace("%", "%%"))
@@ -162,7 +163,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     get_settings.cache_clear()
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
-    code: int = args.handler(settings, args)
+    from adapters.sqlite import PartitionCountMismatch
+
+    try:
+        code: int = args.handler(settings, args)
+    except PartitionCountMismatch as exc:
+        print(f"trade-store {args.command}: refusing to start: {exc}", file=sys.stderr)
+        return 2
     return code
 
 

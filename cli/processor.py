@@ -1,4 +1,4 @@
-"""The processing service: the trade dataflow for the configured profile, and the expiry sweep.
+"""The processing service: the trade dataflow for the configured profile, and its sweeps.
 
 ``python -m bytewax.run "cli.processor:flow()"`` runs the same dataflow under Bytewax's own
 runner (pass -r/-s/-b for recovery yourself); ``trade-store process`` does it for you.
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from datetime import date, timedelta
+from collections.abc import Callable
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -22,16 +23,19 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
 
 from adapters import wiring
-from config.clock import business_today
+from adapters.sqlite import SqliteStatusStore, delete_dead_letters
+from config.clock import business_today, utc_now
 from config.runtime import tune_gc
 from config.settings import Settings, get_settings
 from dataflows.trades import build_flow
 from domain.ports import TradeStore, Unavailable
 from sinks.dead_letter import DeadLetter, KafkaDeadLetterSink, SqliteDeadLetterSink
 from sources.kafka import kafka_inbound
-from sources.sqlite_log import SqliteLogSource
+from sources.sqlite_log import SqliteLogSource, resume_positions
 
 log = structlog.get_logger("processor")
+
+INBOUND_STEP = "inbound-log"
 
 
 def flow(settings: Settings | None = None) -> Dataflow:
@@ -42,7 +46,7 @@ def flow(settings: Settings | None = None) -> Dataflow:
     def inbound(f: Dataflow) -> Stream[Any]:
         if cfg.embedded:
             source = SqliteLogSource(log_path, cfg.inbound_partitions, cfg.source_batch_size)
-            return op.input("inbound-log", f, source)
+            return op.input(INBOUND_STEP, f, source)
         return kafka_inbound(
             f, cfg.kafka_bootstrap_servers, cfg.inbound_topic, cfg.source_batch_size
         )
@@ -60,16 +64,37 @@ def flow(settings: Settings | None = None) -> Dataflow:
     )
 
 
-class ExpirySweeper(threading.Thread):
+class Periodic(threading.Thread):
+    """A daemon thread that calls ``tick`` at start and then every ``every_s`` until stopped."""
+
+    def __init__(self, name: str, every_s: float) -> None:
+        super().__init__(name=name, daemon=True)
+        self._every_s = every_s
+        self._stopping = threading.Event()
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            self.tick()
+            self._stopping.wait(self._every_s)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+class ExpirySweeper(Periodic):
     """Marks matured trades expired at start and whenever the business date changes."""
 
     def __init__(self, store: TradeStore, timezone: str, every_s: float) -> None:
-        super().__init__(name="expiry-sweeper", daemon=True)
+        super().__init__("expiry-sweeper", every_s)
         self._store = store
         self._timezone = timezone
-        self._every_s = every_s
-        self._stop = threading.Event()
         self.swept_on: date | None = None
+
+    def tick(self) -> None:
+        self.sweep_if_due()
 
     def sweep_if_due(self) -> None:
         today = business_today(self._timezone)
@@ -83,13 +108,45 @@ class ExpirySweeper(threading.Thread):
         self.swept_on = today
         log.info("expiry sweep", business_date=today.isoformat(), expired=count)
 
-    def run(self) -> None:
-        while not self._stop.is_set():
-            self.sweep_if_due()
-            self._stop.wait(self._every_s)
 
-    def stop(self) -> None:
-        self._stop.set()
+class RetentionSweeper(Periodic):
+    """Deletes what has outlived its retention (README "Retention"), at start and then every
+    ``TRADE_STORE_RETENTION_CHECK_SECONDS``. Trades themselves are kept: the store of record.
+    """
+
+    def __init__(self, settings: Settings, inbound_step_id: str) -> None:
+        super().__init__("retention-sweeper", settings.retention_check_seconds)
+        self._settings = settings
+        self._step_id = inbound_step_id
+        self._trades = wiring.trade_store(settings)
+        self._log = wiring.inbound_log(settings)
+        self._statuses = SqliteStatusStore(self._log.path, settings.status_ttl_days)
+
+    def tick(self) -> None:
+        self.sweep(utc_now())
+
+    def sweep(self, now: datetime) -> dict[str, int]:
+        """Run every deletion due at ``now``; one failing is logged and retried next time."""
+        cfg = self._settings
+        steps: dict[str, Callable[[], int]] = {
+            "decisions": lambda: self._trades.delete_outcomes(now - cfg.decision_log_retention)
+        }
+        if cfg.embedded:  # services: DynamoDB's TTL, the topics' retention.ms
+            steps["statuses"] = lambda: self._statuses.delete_expired(now)
+            steps["inbound_log"] = lambda: self._log.delete_read(
+                resume_positions(cfg.recovery_path, self._step_id), now - cfg.inbound_retention
+            )
+            steps["dead_letters"] = lambda: delete_dead_letters(
+                self._log.path, now - timedelta(days=cfg.dead_letter_retention_days)
+            )
+        deleted: dict[str, int] = {}
+        for name, step in steps.items():
+            try:
+                deleted[name] = step()
+            except Exception as exc:  # a failing sweep never stops the processor
+                log.warning("retention sweep step failed", step=name, error=str(exc))
+        log.info("retention sweep", **deleted)
+        return deleted
 
 
 def ensure_recovery_dir(path: Path, partitions: int) -> None:
@@ -111,20 +168,27 @@ def run(
     # Explicitly: a process started in the background inherits SIGINT as ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    sweeper: ExpirySweeper | None = None
+    sweepers: list[Periodic] = []
     try:
         created = wiring.create_topics(settings)
         if created:
             log.info("topics created", topics=created)
         ensure_recovery_dir(settings.recovery_path, settings.recovery_partitions)
-        sweeper = ExpirySweeper(
-            wiring.trade_store(settings), settings.business_timezone, settings.expiry_check_seconds
-        )
-        sweeper.start()
+        dataflow = flow(settings)
+        sweepers = [
+            ExpirySweeper(
+                wiring.trade_store(settings),
+                settings.business_timezone,
+                settings.expiry_check_seconds,
+            ),
+            RetentionSweeper(settings, f"{dataflow.flow_id}.{INBOUND_STEP}"),
+        ]
+        for sweeper in sweepers:
+            sweeper.start()
         log.info("processor started", profile=settings.profile, workers=workers)
         tune_gc()
         cli_main(
-            flow(settings),
+            dataflow,
             workers_per_process=workers,
             process_id=process_id,
             addresses=addresses,
@@ -136,7 +200,7 @@ def run(
         if not _interrupted(exc):
             raise
     finally:
-        if sweeper is not None:
+        for sweeper in sweepers:
             sweeper.stop()
         log.info("processor stopped")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -62,6 +63,13 @@ class Settings(BaseSettings):
     source_batch_size: int = Field(default=1000, ge=1)
     expiry_check_seconds: float = Field(default=30.0, gt=0)
 
+    # Retention (README "Retention"): the processor's sweep, at start and then every
+    # retention_check_seconds. Days may be fractional.
+    retention_check_seconds: float = Field(default=3600.0, gt=0)
+    decision_log_margin_days: float = Field(default=1.0, ge=0)
+    inbound_retention_days: float | None = Field(default=None, gt=0)  # default: status TTL
+    dead_letter_retention_days: float = Field(default=30.0, gt=0)
+
     # Logging
     log_level: str = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -80,6 +88,19 @@ class Settings(BaseSettings):
     @property
     def recovery_path(self) -> Path:
         return self.recovery_dir or self.data_dir / "recovery"
+
+    @property
+    def inbound_retention(self) -> timedelta:
+        """How long embedded log entries are kept after the processor passed them, so a
+        replay stays possible within it."""
+        return timedelta(days=self.inbound_retention_days or self.status_ttl_days)
+
+    @property
+    def decision_log_retention(self) -> timedelta:
+        """Longer than any status and any log entry a replay could read (plus a margin):
+        a replayed request must still find its logged outcome."""
+        kept = max(timedelta(days=self.status_ttl_days), self.inbound_retention)
+        return kept + timedelta(days=self.decision_log_margin_days)
 
 
 @lru_cache(maxsize=1)

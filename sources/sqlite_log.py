@@ -6,6 +6,8 @@ what followed the last recovery snapshot (at-least-once, per-partition order kep
 
 from __future__ import annotations
 
+import pickle
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -67,3 +69,32 @@ class SqliteLogSource(FixedPartitionedSource[LogRecord, int]):
         return _LogPartition(
             self._path, int(for_part), resume_state or 0, self._batch_size, self._idle
         )
+
+
+def resume_positions(recovery_dir: Path, step_id: str) -> dict[int, int]:
+    """The earliest seq each log partition of step ``step_id`` can still resume after.
+
+    Read from Bytewax's recovery partitions (SQLite files whose ``snaps`` table holds each
+    state key's pickled snapshot per epoch): per partition, its oldest snapshot kept.
+    Bytewax deletes only snapshots no resume can need, and a partition's seq only grows,
+    so no restart reads an entry at or below it again. Partitions without a snapshot are
+    left out.
+    """
+    positions: dict[int, int] = {}
+    for part in sorted(recovery_dir.glob("part-*.sqlite3")):
+        conn = sqlite3.connect(part, timeout=10)
+        try:
+            rows = conn.execute(
+                "SELECT state_key, ser_change FROM snaps AS s WHERE step_id = ? AND snap_epoch ="
+                " (SELECT min(snap_epoch) FROM snaps"
+                "  WHERE step_id = s.step_id AND state_key = s.state_key)",
+                (step_id,),
+            ).fetchall()
+        finally:
+            conn.close()
+        for key, change in rows:
+            # Our own recovery files, written by Bytewax with pickle.
+            seq = pickle.loads(change) if change is not None else None  # noqa: S301
+            if isinstance(seq, int):
+                positions[int(key)] = min(seq, positions.get(int(key), seq))
+    return positions
