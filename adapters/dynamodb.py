@@ -1,4 +1,4 @@
-"""The DynamoDB request-status store (boto3), also served locally by dynalite."""
+"""The DynamoDB request-status store (boto3), also served locally by dynoxide."""
 
 from __future__ import annotations
 

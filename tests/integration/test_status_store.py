@@ -1,4 +1,4 @@
-"""The status store on dynalite (DynamoDB) and on SQLite: lifecycle and terminal finality.
+"""The status store on dynoxide (DynamoDB) and on SQLite: lifecycle and terminal finality.
 
 Every test runs against both implementations of the one contract.
 """
