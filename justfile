@@ -11,7 +11,7 @@ run *ARGS:
 test *ARGS:
     scripts/test {{ARGS}}
 
-# Start/stop/inspect PostgreSQL, Kafka and dynalite
+# Start/stop/inspect PostgreSQL, Kafka and dynoxide (DynamoDB)
 services ACTION="up":
     scripts/services {{ACTION}}
 

@@ -1,4 +1,4 @@
-"""The DynamoDB request-status store (boto3), also served locally by dynalite."""
+"""The DynamoDB request-status store (boto3), also served locally by dynoxide."""
 
 from __future__ import annotations
 
@@ -532,13 +532,36 @@ class DynamoStatusStore:
         self._enable_ttl()
 
     def _enable_ttl(self) -> None:
+        """Turn TTL on for ``expires_at``; an endpoint without the TTL API is a warning, since
+        reads hide expired statuses anyway, but nothing then deletes them."""
         try:
             self._client.update_time_to_live(
                 TableName=self._table,
                 TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"},
             )
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            # Already enabled, or an emulator without the TTL API: expires_at is still written.
-            if code not in {"ValidationException", "UnknownOperationException"}:
-                raise
+            error = exc.response.get("Error", {})
+            code = error.get("Code", "")
+            if code == "UnknownOperationException":
+                log.warning(
+                    "status store: TTL NOT enabled, the endpoint does not implement "
+                    "UpdateTimeToLive; expired statuses are hidden but never deleted",
+                    table=self._table,
+                    endpoint=self._client.meta.endpoint_url,
+                )
+                return
+            # DynamoDB refuses to enable TTL twice with a ValidationException; any other
+            # refusal (TTL on another attribute, changed too often) is an error.
+            if code != "ValidationException" or not self._ttl_on():
+                raise RuntimeError(
+                    f"status store: could not enable TTL on {self._table}.expires_at: "
+                    f"{code}: {error.get('Message', '')}"
+                ) from exc
+
+    def _ttl_on(self) -> bool:
+        ttl = self._client.describe_time_to_live(TableName=self._table)
+        description = ttl.get("TimeToLiveDescription", {})
+        return bool(
+            description.get("TimeToLiveStatus") in {"ENABLED", "ENABLING"}
+            and description.get("AttributeName") == "expires_at"
+        )

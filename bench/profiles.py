@@ -36,7 +36,7 @@ from bench.stack import APP_ROOT, ROOT, log
 PG_URL = "postgresql+psycopg://trade_store:trade_store@127.0.0.1:55432/trade_store"
 KAFKA = "127.0.0.1:9092"
 DYNAMO = "http://127.0.0.1:4567"
-SERVICES = ["postgres", "kafka", "dynalite"]
+SERVICES = ["postgres", "kafka", "dynoxide"]
 TTL_DAYS = 7
 
 
@@ -219,7 +219,7 @@ class Stage:
 
 
 # =====================================================================================
-# services: Kafka + PostgreSQL + DynamoDB (dynalite locally)
+# services: Kafka + PostgreSQL + DynamoDB (dynoxide locally)
 # =====================================================================================
 
 

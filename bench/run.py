@@ -436,7 +436,7 @@ class Run:
         )
         try:
             if self.profile == "services":
-                self.phase("services: PostgreSQL, Kafka, dynalite")
+                self.phase("services: PostgreSQL, Kafka, dynoxide")
                 self.started_services = services_up()
             for name, step in (
                 ("api", self.api_phases),

@@ -181,7 +181,7 @@ def start_http(
 SERVICE_MARKERS = {
     "postgres": "postgres",
     "kafka": "kafka.Kafka",
-    "dynalite": "dynalite",
+    "dynoxide": "dynoxide",
 }
 
 

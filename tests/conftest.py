@@ -68,7 +68,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def migrated(service_settings: Settings) -> Iterator[Settings]:
     """A fresh schema migrated by `trade-store migrate`, plus this session's topics and status
-    table, which are deleted again at the end (dynalite slows down as its store grows)."""
+    table, which are deleted again at the end (so the local stores do not grow run after run)."""
     engine = make_engine(service_settings.database_url.get_secret_value())
     with engine.begin() as conn:
         conn.execute(text("DROP SCHEMA public CASCADE"))

@@ -1,4 +1,4 @@
-"""The processor (`trade-store process`) on real Kafka, PostgreSQL and dynalite."""
+"""The processor (`trade-store process`) on real Kafka, PostgreSQL and dynoxide (DynamoDB)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The one status contract, on DynamoDB (the local emulator), SQLite and the fake.
+"""The one status contract, on DynamoDB (dynoxide), SQLite and the fake.
 
 Every contract test runs against each implementation (domain.ports.StatusStore): a
 terminal state is never replaced by a different one, a rewrite of a terminal state is

@@ -1,4 +1,4 @@
-"""The PENDING writer's own HTTP request: what real DynamoDB checks and dynalite does not."""
+"""The PENDING writer's own HTTP request: what real DynamoDB checks and the local emulator does not."""
 
 from __future__ import annotations
 
