@@ -1,6 +1,6 @@
 """The API's intake with its status store frozen: answered in time, no PENDING left behind.
 
-The status store is the real dynalite behind a TCP relay of the test's own that can hold
+The status store is the real status store (dynoxide) behind a TCP relay of the test's own that can hold
 everything the client sends, as a frozen (SIGSTOP) store would, and then let it through.
 """
 
