@@ -180,7 +180,10 @@ def ensure_topics(
         _raise_limits(
             admin, {d: n for d, n in wanted.items() if d in existing and limits[d] < n}, timeout_s
         )
-        limited = {dlq: {"max.message.bytes": str(n)} for dlq, n in wanted.items()}
+        limited = {
+            dlq: (configs or {}).get(dlq, {}) | {"max.message.bytes": str(n)}
+            for dlq, n in wanted.items()
+        }
         dlqs = {name: topics[name] for name in sized}
         created += _create(admin, dlqs, replication_factor, existing, limited, timeout_s)
     return created

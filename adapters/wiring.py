@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import structlog
@@ -67,11 +68,18 @@ def trade_queue(settings: Settings) -> SqliteTradeQueue | KafkaTradeQueue:
     )
 
 
+def _kept(retention: timedelta) -> dict[str, str]:
+    return {"retention.ms": str(int(retention.total_seconds() * 1000))}
+
+
 def create_topics(settings: Settings) -> list[str]:
     """Create the inbound queue and dead letters if missing; return what was created.
 
     The dead-letter topic is sized to take any inbound record plus its headers (and an
-    existing one raised to that), so no record is too large to dead-letter whole.
+    existing one raised to that), so no record is too large to dead-letter whole. New
+    topics keep records as long as the embedded profile does (``retention.ms``): the
+    inbound topic no longer than the decision log remembers its requests, so a replay
+    from the beginning never decides a forgotten request again.
     """
     if settings.embedded:
         inbound_log(settings).ensure_schema()
@@ -81,7 +89,10 @@ def create_topics(settings: Settings) -> list[str]:
         {settings.inbound_topic: settings.inbound_partitions, settings.dlq_topic: 1},
         settings.replication_factor,
         dead_letters={settings.dlq_topic: settings.inbound_topic},
-        configs={settings.inbound_topic: INBOUND_TOPIC_CONFIG},
+        configs={
+            settings.inbound_topic: INBOUND_TOPIC_CONFIG | _kept(settings.inbound_retention),
+            settings.dlq_topic: _kept(timedelta(days=settings.dead_letter_retention_days)),
+        },
     )
 
 

@@ -8,7 +8,9 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType  # type: ignore[attr-defined]
 
+from adapters import wiring
 from adapters.kafka import INBOUND_TOPIC_CONFIG, KafkaTradeQueue, ensure_topics
 from config.clock import business_today
 from config.settings import Settings
@@ -65,6 +67,33 @@ def test_ensure_topics_is_idempotent(migrated: Settings) -> None:
     topic = unique("topic")
     assert ensure_topics(migrated.kafka_bootstrap_servers, {topic: 2}, 1) == [topic]
     assert ensure_topics(migrated.kafka_bootstrap_servers, {topic: 2}, 1) == []
+
+
+def test_topics_keep_records_as_long_as_the_embedded_profile(migrated: Settings) -> None:
+    """retention.ms of new topics: the inbound topic's the log's retention (never longer
+    than the decision log remembers), the dead letters' their retention."""
+    settings = migrated.model_copy(
+        update={
+            "inbound_topic": unique("in"),
+            "dlq_topic": unique("dlq"),
+            "inbound_retention_days": 2.5,
+            "dead_letter_retention_days": 30.0,
+        }
+    )
+    assert sorted(wiring.create_topics(settings)) == sorted(
+        [settings.inbound_topic, settings.dlq_topic]
+    )
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    resources = [
+        ConfigResource(ResourceType.TOPIC, t) for t in (settings.inbound_topic, settings.dlq_topic)
+    ]
+    kept = {
+        r.name: int(f.result(timeout=15)["retention.ms"].value)
+        for r, f in admin.describe_configs(resources).items()
+    }
+    assert kept == {settings.inbound_topic: 216_000_000, settings.dlq_topic: 2_592_000_000}
+    assert timedelta(milliseconds=kept[settings.inbound_topic]) < settings.decision_log_retention
+    admin.delete_topics([settings.inbound_topic, settings.dlq_topic])
 
 
 async def test_unreachable_broker_is_unavailable() -> None:
