@@ -5,7 +5,8 @@
    ``TRADE_STORE_KAFKA_BOOTSTRAP_SERVERS``, ``TRADE_STORE_DYNAMODB_ENDPOINT_URL``): any one set
    means "use what is running there"; the ones left unset take scripts/services' conventions;
 2. scripts/services' PostgreSQL, Kafka and dynoxide, when all three already answer;
-3. testcontainers (postgres:16, Kafka in KRaft mode, DynamoDB local) when a Docker engine answers;
+3. testcontainers (postgres:16, apache/kafka in KRaft mode, DynamoDB local) when a Docker
+   engine answers;
 4. otherwise ``scripts/services up``.
 
 A service that does not answer fails the run; nothing is skipped.
@@ -33,6 +34,7 @@ from adapters import wiring
 from adapters.dynamodb import DynamoStatusStore, make_client
 from adapters.sql import SqlTradeStore, make_engine
 from config.settings import Settings
+from tests.support import free_port
 
 SERVICES = Path(__file__).resolve().parent.parent / "scripts" / "services"
 DATABASE_VAR = "TRADE_STORE_TEST_DATABASE_URL"
@@ -113,17 +115,35 @@ def services_script(command: str) -> dict[str, str]:
 
 
 def start_containers(stack: contextlib.ExitStack) -> Endpoints:
-    """PostgreSQL, Kafka (KRaft) and DynamoDB local in containers, stopped with ``stack``."""
+    """PostgreSQL, Kafka (KRaft, the broker version scripts/services runs) and DynamoDB local in
+    containers on the local Docker engine, stopped with ``stack``."""
     from testcontainers.core.container import DockerContainer
     from testcontainers.core.wait_strategies import LogMessageWaitStrategy
-    from testcontainers.kafka import KafkaContainer
     from testcontainers.postgres import PostgresContainer
 
     pg = PostgresContainer(
         "postgres:16", username="trade_store", password="trade_store", dbname="trade_store_test"
     )
-    kafka = KafkaContainer("confluentinc/cp-kafka:7.6.0").with_kraft()
-    kafka.with_env("KAFKA_AUTO_CREATE_TOPICS_ENABLE", "false")  # as scripts/services
+    kafka_port = free_port()  # the broker advertises the host port, so it is fixed up front
+    kafka = (
+        DockerContainer("apache/kafka:4.1.1")
+        .with_bind_ports(9092, kafka_port)
+        .with_envs(
+            KAFKA_NODE_ID="1",
+            KAFKA_PROCESS_ROLES="broker,controller",
+            KAFKA_LISTENERS="PLAINTEXT://:9092,CONTROLLER://:9093",
+            KAFKA_ADVERTISED_LISTENERS=f"PLAINTEXT://127.0.0.1:{kafka_port}",
+            KAFKA_CONTROLLER_LISTENER_NAMES="CONTROLLER",
+            KAFKA_LISTENER_SECURITY_PROTOCOL_MAP="CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            KAFKA_CONTROLLER_QUORUM_VOTERS="1@localhost:9093",
+            KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR="1",
+            KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR="1",
+            KAFKA_TRANSACTION_STATE_LOG_MIN_ISR="1",
+            KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS="0",
+            KAFKA_AUTO_CREATE_TOPICS_ENABLE="false",
+        )
+        .waiting_for(LogMessageWaitStrategy("Kafka Server started"))
+    )
     dyn = (
         DockerContainer("amazon/dynamodb-local:2.5.2")
         .with_command("-jar DynamoDBLocal.jar -inMemory -sharedDb")
@@ -132,11 +152,10 @@ def start_containers(stack: contextlib.ExitStack) -> Endpoints:
     )
     for container in (pg, kafka, dyn):
         stack.enter_context(container)
-    host = dyn.get_container_host_ip()
     return Endpoints(
         pg.get_connection_url(driver="psycopg"),
-        kafka.get_bootstrap_server(),
-        f"http://{host}:{dyn.get_exposed_port(8000)}",
+        f"127.0.0.1:{kafka_port}",
+        f"http://{dyn.get_container_host_ip()}:{dyn.get_exposed_port(8000)}",
     )
 
 
