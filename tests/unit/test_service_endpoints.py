@@ -3,6 +3,7 @@ reads, and its probes (on real sockets; the Docker path itself needs an engine).
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 
@@ -47,17 +48,29 @@ def test_start_scripts_services_when_nothing_else() -> None:
     assert choose_source({}, services_up=lambda: False, docker_answers=lambda: False) == "start"
 
 
-def test_endpoints_from_what_scripts_services_prints() -> None:
+def printed_endpoints(**ports: str) -> Endpoints:
+    """The endpoints ``scripts/services env`` prints (it only prints: no lock, nothing starts)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVICES_")} | ports
     printed = subprocess.run(
-        [str(SERVICES), "env"], capture_output=True, text=True, check=True, timeout=30
+        [str(SERVICES), "env"], capture_output=True, text=True, check=True, timeout=30, env=env
     ).stdout
-    endpoints = Endpoints.from_vars(parse_vars(printed))
+    return Endpoints.from_vars(parse_vars(printed))
+
+
+def test_endpoints_from_what_scripts_services_prints() -> None:
+    endpoints = printed_endpoints()
     assert endpoints.database_url.endswith("@127.0.0.1:55432/trade_store_test")
     assert endpoints.addresses() == {
         "PostgreSQL": ("127.0.0.1", 55432),
         "Kafka": ("127.0.0.1", 9092),
         "DynamoDB": ("127.0.0.1", 4567),
     }
+
+
+def test_endpoints_follow_scripts_services_port_overrides() -> None:
+    endpoints = printed_endpoints(SERVICES_PG_PORT="55433", SERVICES_DYNAMODB_PORT="4569")
+    assert endpoints.addresses()["PostgreSQL"] == ("127.0.0.1", 55433)
+    assert endpoints.addresses()["DynamoDB"] == ("127.0.0.1", 4569)
 
 
 def test_a_missing_endpoint_is_an_error_not_a_default() -> None:
