@@ -19,8 +19,8 @@ import pytest
 from sqlalchemy import Connection, text
 
 from adapters.sql import REPLY_GRACE_S, SqlTradeStore, make_engine
+from config.settings import Settings
 from domain.ports import Unavailable
-from tests.conftest import TEST_DATABASE_URL
 
 TIMEOUT_MS = 1000
 CONNECT_TIMEOUT_S = 5
@@ -87,16 +87,16 @@ class FreezableProxy:
 
 
 @pytest.fixture
-def proxy() -> Iterator[FreezableProxy]:
-    url = urlsplit(TEST_DATABASE_URL)
+def proxy(service_settings: Settings) -> Iterator[FreezableProxy]:
+    url = urlsplit(service_settings.database_url.get_secret_value())
     proxy = FreezableProxy((url.hostname or "127.0.0.1", url.port or 5432))
     yield proxy
     proxy.close()
 
 
 @pytest.fixture
-def store(proxy: FreezableProxy) -> SqlTradeStore:
-    url = urlsplit(TEST_DATABASE_URL)
+def store(proxy: FreezableProxy, service_settings: Settings) -> SqlTradeStore:
+    url = urlsplit(service_settings.database_url.get_secret_value())
     through = url._replace(netloc=f"{url.netloc.rsplit('@', 1)[0]}@127.0.0.1:{proxy.port}")
     store = SqlTradeStore(make_engine(through.geturl(), statement_timeout_ms=TIMEOUT_MS))
     store.ping()
