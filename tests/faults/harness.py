@@ -589,6 +589,15 @@ class Figures:
         )
 
 
+def dump(fault: str, ledger: Ledger, window: Window) -> None:
+    """Every request of the run, one JSON line each, times relative to the fault's start."""
+    with (LOGS / f"faults-{fault}-ledger.jsonl").open("w") as f:
+        for s in ledger.sent:
+            row = asdict(s) | {"sent_at": round(s.sent_at - window.started, 3)}
+            row["answered_at"] = round((s.answered_at or 0) - window.started, 3)
+            f.write(json.dumps(row) + "\n")
+
+
 def save(figures: Figures) -> None:
     """Merge this fault's figures into .services/test-logs/faults.json."""
     LOGS.mkdir(parents=True, exist_ok=True)
@@ -619,93 +628,104 @@ def _sample(items: list[Any], n: int = 5) -> str:
     return ", ".join(str(i) for i in items[:n]) + (" …" if len(items) > n else "")
 
 
-def verify(out: Outcome, figures: Figures, processor_exits: int, budget_s: float) -> list[str]:
-    """Fill in ``figures``; return one message per broken guarantee."""
-    ledger, broken = out.ledger, []
-    acked = ledger.acked()
-    issued = {s.request_id for s in acked}
-    codes = Counter(s.code for s in ledger.sent)
-    figures.sent, figures.accepted = len(ledger.sent), codes[202]
-    figures.unavailable, figures.overloaded = codes[503], codes[429]
-    figures.unanswered = codes[None]
-    figures.other = figures.sent - figures.accepted - figures.unavailable - figures.overloaded
-    figures.other -= figures.unanswered
-    figures.skipped = ledger.skipped
+def _status(out: Outcome, entry: Sent) -> str | None:
+    return out.statuses.get(entry.request_id or "", {}).get("status")
 
-    # 0 lost: every 202 resolves to a terminal status, and a SUCCESS has its row as sent.
-    unresolved = [
-        s
+
+def count_answers(out: Outcome, f: Figures) -> list[str]:
+    codes = Counter(s.code for s in out.ledger.sent)
+    f.sent, f.accepted, f.unavailable = len(out.ledger.sent), codes[202], codes[503]
+    f.overloaded, f.unanswered, f.skipped = codes[429], codes[None], out.ledger.skipped
+    f.other = f.sent - f.accepted - f.unavailable - f.overloaded - f.unanswered
+    return []
+
+
+def check_nothing_lost(out: Outcome, f: Figures) -> list[str]:
+    """Every 202 is queued and resolves to a terminal status; a new version has its row."""
+    acked, broken = out.ledger.acked(), []
+    unresolved = {s.seq for s in acked if _status(out, s) in (None, "PENDING")}
+    rowless = {
+        s.seq
         for s in acked
-        if out.statuses.get(s.request_id or "", {}).get("status") in (None, "PENDING")
-    ]
-    pending = [
-        s for s in acked if out.statuses.get(s.request_id or "", {}).get("status") == "PENDING"
-    ]
-    missing_rows = [
-        s
-        for s in acked
-        if not s.stale and _row_differs(out.store.rows.get((s.trade_id, s.version)), s, ledger)
-    ]
-    lost = {s.seq for s in unresolved} | {s.seq for s in missing_rows}
-    figures.lost, figures.pending = len(lost), len(pending)
+        if not s.stale and _row_differs(out.store.rows.get((s.trade_id, s.version)), s, out.ledger)
+    }
+    queued = {r.headers.get("request_id") for r in out.inbound if r.key not in out.poison}
+    unqueued = {s.seq for s in acked if (s.request_id or "").encode() not in queued}
+    lost = unresolved | rowless | unqueued
+    f.lost = len(lost)
+    f.pending = sum(1 for s in acked if _status(out, s) == "PENDING")
     if lost:
+        examples = [(s.request_id, s.trade_id, s.version) for s in acked if s.seq in lost]
         broken.append(
-            f"ACK MEANS DURABLE: {len(lost)} acknowledged requests lost "
-            f"({len(unresolved)} never terminal, {len(missing_rows)} without their stored row);"
-            f" e.g. {_sample([(s.request_id, s.trade_id, s.version) for s in ledger.sent if s.seq in lost])}"
+            f"ACK MEANS DURABLE: {len(lost)} acknowledged requests lost ({len(unresolved)} never"
+            f" terminal, {len(rowless)} without their row as sent, {len(unqueued)} not in the"
+            f" topic); e.g. {_sample(examples)}"
         )
-    if pending:
+    if f.pending:
+        broken.append(f"NO PENDING AFTER SETTLING: {f.pending} acknowledged requests PENDING")
+    if out.sampler.not_found:
         broken.append(
-            f"NO PENDING AFTER SETTLING: {len(pending)} acknowledged requests still PENDING"
+            f"ACK MEANS DURABLE: {len(out.sampler.not_found)} acknowledged requests answered 404"
         )
+    return broken
 
-    # Decisions: a new version SUCCESS, a re-sent lower one FAILED STALE_VERSION.
+
+def check_decisions(out: Outcome, f: Figures) -> list[str]:
+    """A new version ends SUCCESS, a re-sent lower one FAILED STALE_VERSION."""
     wrong = []
-    for s in acked:
+    for s in out.ledger.acked():
         status = out.statuses.get(s.request_id or "")
         if status is None or status["status"] == "PENDING":
-            continue
-        want = ("FAILED", "STALE_VERSION") if s.stale else ("SUCCESS", None)
-        got = (status["status"], status.get("reason_code"))
-        if got != want or status["version"] != str(s.version):
-            wrong.append((s.request_id, want, got, status["version"]))
-    figures.wrong = len(wrong)
-    if wrong:
-        broken.append(
-            f"DECISIONS: {len(wrong)} requests ended other than decided: {_sample(wrong)}"
+            continue  # counted as lost
+        want = (
+            ("FAILED", "STALE_VERSION", str(s.version))
+            if s.stale
+            else ("SUCCESS", None, str(s.version))
         )
+        got = (status["status"], status.get("reason_code"), status["version"])
+        if got != want:
+            wrong.append((s.request_id, want, got))
+    f.wrong = len(wrong)
+    return (
+        [f"DECISIONS: {len(wrong)} requests ended other than decided: {_sample(wrong)}"]
+        if wrong
+        else []
+    )
 
-    # 0 duplicated: one queued record and one decision-log row per request.
+
+def check_no_duplicates(out: Outcome, f: Figures) -> list[str]:
+    """One queued record and one decision-log row per request."""
     queued = Counter(
         r.headers.get("request_id", b"").decode() for r in out.inbound if r.key not in out.poison
     )
-    twice_queued = [rid for rid in issued if queued[rid or ""] > 1]
+    twice_queued = [rid for rid, n in queued.items() if n > 1]
     twice_logged = [rid for rid, n in out.store.log_counts.items() if n > 1]
-    figures.duplicated = len(twice_queued) + len(twice_logged)
-    if figures.duplicated:
-        broken.append(
-            f"NO DUPLICATES: {len(twice_queued)} requests queued more than once"
-            f" ({_sample(twice_queued)}), {len(twice_logged)} logged more than once"
-        )
-    not_queued = [rid for rid in issued if not queued[rid or ""]]
-    if not_queued:
-        broken.append(
-            f"ACK MEANS DURABLE: {len(not_queued)} acknowledged requests not in the topic"
-        )
+    f.duplicated = len(twice_queued) + len(twice_logged)
+    if not f.duplicated:
+        return []
+    return [
+        f"NO DUPLICATES: {len(twice_queued)} requests queued more than once"
+        f" ({_sample(twice_queued)}), {len(twice_logged)} decision-log rows more than once"
+    ]
 
-    # 0 orphans: no status record for an id no client was ever given.
-    orphans = sorted(set(out.statuses) - issued)
-    figures.orphans = len(orphans)
-    if orphans:
-        states = Counter(out.statuses[r]["status"] for r in orphans)
-        forged = sorted(set(orphans) & out.never_issued)
-        broken.append(
-            f"NO ORPHANS: {len(orphans)} status records for ids never returned with a 202"
-            f" ({dict(states)}; {len(forged)} of them named by poison records)"
-        )
 
-    # 503 means not queued: no trade of a 503 in the topic or the store.
-    refused = {s.counterparty_id: s for s in ledger.sent if s.code == 503}
+def check_no_orphans(out: Outcome, f: Figures) -> list[str]:
+    """No status record for an id no client was ever given with a 202."""
+    orphans = sorted(set(out.statuses) - {s.request_id for s in out.ledger.acked()})
+    f.orphans = len(orphans)
+    if not orphans:
+        return []
+    states = Counter(out.statuses[r]["status"] for r in orphans)
+    named = len(set(orphans) & out.never_issued)
+    return [
+        f"NO ORPHANS: {len(orphans)} status records for ids never returned with a 202"
+        f" ({dict(states)}; {named} of them named by poison records)"
+    ]
+
+
+def check_exact_503(out: Outcome, f: Figures) -> list[str]:
+    """A 503 means the trade was not and will not be queued: in neither the topic nor the store."""
+    refused = {s.counterparty_id: s for s in out.ledger.sent if s.code == 503}
     in_topic = {_counterparty(r.value) for r in out.inbound} & set(refused)
     in_store = {
         s.counterparty_id
@@ -713,77 +733,101 @@ def verify(out: Outcome, figures: Figures, processor_exits: int, budget_s: float
         if (row := out.store.rows.get((s.trade_id, s.version)))
         and row["counterparty_id"] == s.counterparty_id
     }
-    figures.stored_after_503 = len(in_topic | in_store)
-    if figures.stored_after_503:
-        broken.append(
-            f"EXACT 503: {figures.stored_after_503} requests answered 503 were queued or stored"
-            f" ({len(in_topic)} queued, {len(in_store)} stored)"
-        )
-
-    # Terminal is final: the sampled statuses never changed, and still equal at the end.
-    for rid in list(out.sampler.first):
-        out.sampler.compare(rid, normal(out.statuses.get(rid)))
-    figures.status_changes = len(out.sampler.changed)
-    if out.sampler.changed:
-        rid, (before, after) = next(iter(out.sampler.changed.items()))
-        diff = {
-            k: (before.get(k), (after or {}).get(k))
-            for k in before
-            if before.get(k) != (after or {}).get(k)
-        }
-        broken.append(
-            f"TERMINAL IS FINAL: {figures.status_changes} of {len(out.sampler.first)} sampled"
-            f" terminal statuses changed; e.g. {rid}: {diff}"
-        )
-    if out.sampler.not_found:
-        broken.append(
-            f"ACK MEANS DURABLE: {len(out.sampler.not_found)} acknowledged requests answered 404"
-        )
-
-    # The processor never exited by itself.
-    figures.processor_exits = processor_exits
-    if processor_exits:
-        broken.append(f"FLOW NEVER STOPS: the processor exited {processor_exits} times by itself")
-
-    # Every poison record in the dead letters exactly once; nothing else there.
-    by_key = Counter(r.key for r in out.dead_letters)
-    figures.dead_letters_expected = len(out.poison)
-    figures.dead_letters_found = sum(1 for k in out.poison if by_key[k])
-    wrong_count = {what: by_key[k] for k, what in out.poison.items() if by_key[k] != 1}
-    if wrong_count:
-        broken.append(f"DEAD LETTERS EXACTLY ONCE: copies per poison record {wrong_count}")
-    strays = [k for k in by_key if k not in out.poison]
-    if strays:
-        broken.append(f"DEAD LETTERS: {len(strays)} records dead-lettered that were no poison")
-
-    # 5xx only as 503 with Retry-After (429 too, for overload); nothing else.
-    answers = [(s.code, s.retry_after) for s in ledger.sent] + [
-        (a.code, a.retry_after) for a in out.sampler.answers
+    f.stored_after_503 = len(in_topic | in_store)
+    if not f.stored_after_503:
+        return []
+    return [
+        f"EXACT 503: {f.stored_after_503} requests answered 503 were queued or stored"
+        f" ({len(in_topic)} queued, {len(in_store)} stored)"
     ]
-    bad = Counter(c for c, _ in answers if c is not None and c >= 500 and c != 503)
-    no_retry = sum(1 for c, ra in answers if c in (429, 503) and not ra)
-    unexpected = Counter(
-        s.code for s in ledger.sent if s.code is not None and s.code not in ANSWERS
-    )
-    if bad or no_retry or unexpected:
-        broken.append(
-            f"OUTAGES ARE 503 + RETRY-AFTER: other 5xx {dict(bad)}, {no_retry} 429/503 without"
-            f" Retry-After, unexpected POST answers {dict(unexpected)}"
-            f" (e.g. {_sample([s.error for s in ledger.sent if s.code in unexpected], 2)})"
-        )
 
-    # Every answer (POST and the sampler's GETs) within the produce timeout plus 1 s.
-    latencies = [s.latency for s in ledger.sent] + [a.latency for a in out.sampler.answers]
-    figures.post_p99_s = round(_p99([s.latency for s in ledger.sent]), 3)
-    figures.max_answer_s = round(max(latencies, default=0.0), 3)
-    slow_posts = sum(1 for s in ledger.sent if s.code is None or s.latency > budget_s)
-    slow_gets = sum(1 for a in out.sampler.answers if a.code is None or a.latency > budget_s)
-    if slow_posts or slow_gets:
-        broken.append(
-            f"FAST ANSWERS: {slow_posts} POSTs and {slow_gets} GETs answered later than"
-            f" {budget_s:.1f}s or not at all (slowest {figures.max_answer_s:.1f}s)"
-        )
+
+def check_terminal_is_final(out: Outcome, f: Figures) -> list[str]:
+    """The sampled terminal statuses never changed while polled, and equal them at the end."""
+    sampler = out.sampler
+    for rid in list(sampler.first):
+        sampler.compare(rid, normal(out.statuses.get(rid)))
+    f.status_changes = len(sampler.changed)
+    if not sampler.changed:
+        return []
+    rid, (before, after) = next(iter(sampler.changed.items()))
+    diff = {k: (v, (after or {}).get(k)) for k, v in before.items() if v != (after or {}).get(k)}
+    return [
+        f"TERMINAL IS FINAL: {f.status_changes} of {len(sampler.first)} sampled terminal"
+        f" statuses changed; e.g. {rid}: {diff}"
+    ]
+
+
+def check_processor_ran(out: Outcome, f: Figures) -> list[str]:
+    """The processor never exited by itself (the kill -9 fault's own kill does not count)."""
+    if not f.processor_exits:
+        return []
+    return [f"FLOW NEVER STOPS: the processor exited {f.processor_exits} times by itself"]
+
+
+def check_dead_letters(out: Outcome, f: Figures) -> list[str]:
+    """Every poison record is in the dead letters exactly once, and nothing else is."""
+    by_key = Counter(r.key for r in out.dead_letters)
+    f.dead_letters_expected = len(out.poison)
+    f.dead_letters_found = sum(1 for k in out.poison if by_key[k])
+    broken = []
+    copies = {what: by_key[k] for k, what in out.poison.items() if by_key[k] != 1}
+    if copies:
+        broken.append(f"DEAD LETTERS EXACTLY ONCE: copies per poison record {copies}")
+    strays = sum(n for k, n in by_key.items() if k not in out.poison)
+    if strays:
+        broken.append(f"DEAD LETTERS: {strays} records dead-lettered that were no poison")
     return broken
+
+
+def check_outage_answers(out: Outcome, f: Figures) -> list[str]:
+    """5xx only as 503, and 503 (or 429) always with Retry-After; POST answers nothing else."""
+    answers = [(s.code, s.retry_after) for s in out.ledger.sent]
+    answers += [(a.code, a.retry_after) for a in out.sampler.answers]
+    other_5xx = Counter(c for c, _ in answers if c is not None and c >= 500 and c != 503)
+    no_retry = sum(1 for c, ra in answers if c in (429, 503) and not ra)
+    odd = [s for s in out.ledger.sent if s.code is not None and s.code not in ANSWERS]
+    if not (other_5xx or no_retry or odd):
+        return []
+    return [
+        f"OUTAGES ARE 503 + RETRY-AFTER: other 5xx {dict(other_5xx)}, {no_retry} 429/503"
+        f" without Retry-After, {len(odd)} other POST answers"
+        f" (e.g. {_sample([(s.code, s.error) for s in odd], 2)})"
+    ]
+
+
+def check_fast_answers(out: Outcome, f: Figures, budget_s: float) -> list[str]:
+    """Every answer, POST or the sampler's GET, within the produce timeout plus 1 s."""
+    posts = [s.latency for s in out.ledger.sent]
+    gets = [a.latency for a in out.sampler.answers]
+    f.post_p99_s = round(_p99(posts), 3)
+    f.max_answer_s = round(max(posts + gets, default=0.0), 3)
+    slow_posts = sum(1 for s in out.ledger.sent if s.code is None or s.latency > budget_s)
+    slow_gets = sum(1 for a in out.sampler.answers if a.code is None or a.latency > budget_s)
+    if not (slow_posts or slow_gets):
+        return []
+    return [
+        f"FAST ANSWERS: {slow_posts} POSTs and {slow_gets} GETs answered later than"
+        f" {budget_s:.1f}s or not at all (slowest {f.max_answer_s:.1f}s)"
+    ]
+
+
+def verify(out: Outcome, figures: Figures, budget_s: float) -> list[str]:
+    """Fill in ``figures``; return one message per broken guarantee."""
+    checks: list[Callable[[Outcome, Figures], list[str]]] = [
+        count_answers,
+        check_nothing_lost,
+        check_decisions,
+        check_no_duplicates,
+        check_no_orphans,
+        check_exact_503,
+        check_terminal_is_final,
+        check_processor_ran,
+        check_dead_letters,
+        check_outage_answers,
+        lambda o, f: check_fast_answers(o, f, budget_s),
+    ]
+    return [message for check in checks for message in check(out, figures)]
 
 
 def _row_differs(row: dict[str, Any] | None, s: Sent, ledger: Ledger) -> bool:

@@ -95,13 +95,12 @@ def test_fault(fault: str, settings: Settings, restored: dict[str, Service]) -> 
                 return await harness.exercise(run, f"F{int(began)}-{fault}", FAULTS[fault])
 
         result = asyncio.run(main())
-        figures = harness.Figures(fault=fault)
-        broken = harness.verify(
-            result.outcome, figures, len(stack.processor.exits), stack.answer_budget_s
-        )
+        figures = harness.Figures(fault=fault, processor_exits=len(stack.processor.exits))
+        broken = harness.verify(result.outcome, figures, stack.answer_budget_s)
     figures.recovery_s = None if result.recovery_s is None else round(result.recovery_s, 2)
     figures.fault_s = round(result.window.lifted - result.window.started, 2)
     figures.wall_s = round(time.monotonic() - began, 1)
     print("\n" + figures.line())
     harness.save(figures)
+    harness.dump(fault, result.outcome.ledger, result.window)
     assert not broken, f"{fault} broke:\n  " + "\n  ".join(broken)
