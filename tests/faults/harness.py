@@ -101,6 +101,7 @@ class Ledger:
         self.maturity = (utc_today() + timedelta(days=maturity_days)).isoformat()
         self.sent: list[Sent] = []
         self.skipped = 0
+        self.lag_s = 0.0  # how far the load generator ever fell behind its schedule
         self._idle: deque[Lane] = deque()
         self._lanes = 0
 
@@ -154,10 +155,14 @@ async def post(client: httpx.AsyncClient, ledger: Ledger, lane: Lane, entry: Sen
 
 
 async def steady_load(
-    client: httpx.AsyncClient, ledger: Ledger, stop: asyncio.Event, on_ack: Callable[[Sent], None]
+    clients: list[httpx.AsyncClient],
+    ledger: Ledger,
+    stop: asyncio.Event,
+    on_ack: Callable[[Sent], None],
 ) -> None:
     """Offer RATE POST/s until ``stop`` (open loop: slow answers do not slow the offer), then
-    wait for the answers still due."""
+    wait for the answers still due. Requests are spread over several clients: one httpx
+    pool with a thousand waiting requests would itself become the bottleneck."""
     loop = asyncio.get_running_loop()
     begin = loop.time()
     in_flight: set[asyncio.Task[None]] = set()
@@ -167,10 +172,12 @@ async def steady_load(
         tick += 1
         if due > loop.time():
             await asyncio.sleep(due - loop.time())
+        ledger.lag_s = max(ledger.lag_s, loop.time() - due)
         if len(in_flight) >= IN_FLIGHT_CAP:
             ledger.skipped += 1
             continue
         lane, entry = ledger.next()
+        client = clients[entry.seq % len(clients)]
         task = asyncio.create_task(post(client, ledger, lane, entry))
         in_flight.add(task)
         task.add_done_callback(in_flight.discard)
@@ -558,6 +565,7 @@ class Figures:
     other: int = 0  # any other answer
     unanswered: int = 0  # no answer within CLIENT_TIMEOUT_S
     skipped: int = 0  # ticks not sent: IN_FLIGHT_CAP requests already waiting
+    client_lag_s: float = 0.0  # the load generator's worst delay behind its schedule
     lost: int = 0
     wrong: int = 0
     duplicated: int = 0
@@ -586,6 +594,7 @@ class Figures:
             f" dlq={self.dead_letters_found}/{self.dead_letters_expected}"
             f" post_p99={self.post_p99_s:.2f}s max_answer={self.max_answer_s:.2f}s"
             f" recovery={recovery} fault={self.fault_s:.1f}s wall={self.wall_s:.0f}s"
+            f" skipped={self.skipped} client_lag={self.client_lag_s:.2f}s"
         )
 
 
@@ -636,6 +645,7 @@ def count_answers(out: Outcome, f: Figures) -> list[str]:
     codes = Counter(s.code for s in out.ledger.sent)
     f.sent, f.accepted, f.unavailable = len(out.ledger.sent), codes[202], codes[503]
     f.overloaded, f.unanswered, f.skipped = codes[429], codes[None], out.ledger.skipped
+    f.client_lag_s = round(out.ledger.lag_s, 3)
     f.other = f.sent - f.accepted - f.unavailable - f.overloaded - f.unanswered
     return []
 
@@ -927,7 +937,8 @@ class Run:
 
     stack: Stack
     services: dict[str, Service]
-    client: httpx.AsyncClient
+    client: httpx.AsyncClient  # the warm-up's and the sampler's
+    load_clients: list[httpx.AsyncClient]
     sampler: Sampler
     poison: dict[bytes, str] = field(default_factory=dict)
     never_issued: set[str] = field(default_factory=set)
@@ -1053,7 +1064,7 @@ async def exercise(run: Run, prefix: str, inject: Callable[[Run], Window]) -> Re
         asyncio.create_task(sampler.run(stop_watch)),
         asyncio.create_task(_watch_processor(stack.processor, stop_watch)),
     ]
-    load = asyncio.create_task(steady_load(run.client, ledger, stop_load, on_ack))
+    load = asyncio.create_task(steady_load(run.load_clients, ledger, stop_load, on_ack))
     await asyncio.sleep(PRE_S)
     window = await asyncio.to_thread(inject, run)
     recovery = asyncio.create_task(_recovery(engine, ledger, window.lifted))

@@ -25,6 +25,7 @@ from tests.faults import harness
 from tests.faults.harness import Run, Sampler, Service, Window, freeze, kill
 
 FREEZE_S = 12.0
+LOAD_CLIENTS = 8
 
 FAULTS: dict[str, Callable[[Run], Window]] = {
     "processor-kill9": lambda run: run.stack.processor.kill9_and_restart(),
@@ -86,12 +87,18 @@ def test_fault(fault: str, settings: Settings, restored: dict[str, Service]) -> 
     with harness.stack(fault, settings) as stack:
 
         async def main() -> harness.Result:
-            async with httpx.AsyncClient(
-                base_url=stack.base_url,
-                timeout=harness.CLIENT_TIMEOUT_S,
-                limits=httpx.Limits(max_connections=harness.IN_FLIGHT_CAP + 50),
-            ) as client:
-                run = Run(stack, restored, client, Sampler(client))
+            async with contextlib.AsyncExitStack() as clients:
+                client, *load = [
+                    await clients.enter_async_context(
+                        httpx.AsyncClient(
+                            base_url=stack.base_url,
+                            timeout=harness.CLIENT_TIMEOUT_S,
+                            limits=httpx.Limits(max_connections=harness.IN_FLIGHT_CAP),
+                        )
+                    )
+                    for _ in range(1 + LOAD_CLIENTS)
+                ]
+                run = Run(stack, restored, client, load, Sampler(client))
                 return await harness.exercise(run, f"F{int(began)}-{fault}", FAULTS[fault])
 
         result = asyncio.run(main())
