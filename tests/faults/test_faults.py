@@ -16,11 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
 from adapters import wiring
-from adapters.dynamodb import make_client
 from config.settings import Settings
+from tests.conftest import delete_queues_and_statuses
 from tests.faults import harness
 from tests.faults.harness import Run, Sampler, Service, Window, freeze, kill
 
@@ -71,14 +70,7 @@ def settings(
     wiring.create_topics(own)
     wiring.prepare_status_store(own)
     yield own
-    with contextlib.suppress(Exception):
-        make_client(own.dynamodb_endpoint_url, own.aws_region).delete_table(
-            TableName=own.status_table
-        )
-    admin = AdminClient({"bootstrap.servers": own.kafka_bootstrap_servers})
-    for deleted in admin.delete_topics([own.inbound_topic, own.dlq_topic]).values():
-        with contextlib.suppress(Exception):
-            deleted.result(timeout=15)
+    delete_queues_and_statuses(own)
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
