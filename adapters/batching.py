@@ -29,9 +29,10 @@ class Batcher(Generic[T]):
     At most ``writers`` batches are written at a time (1 for a single-writer store such as
     SQLite, and to let batches fill while one is in flight); a failed write fails every
     item of its batch. A caller that gives up (is cancelled) while its item still waits
-    takes the item out of the queue, so it is never written later; items whose callers
-    gave up while their batch was being written go to ``abandoned`` once that write ends
-    (written or maybe written: the store may have applied it), to be undone.
+    takes the item out of the queue, so it is never written later. Items whose callers
+    gave up while their batch was being written, and every item of a batch whose write
+    failed, go to ``abandoned`` once that write ends (written or maybe written: the store
+    may have applied it before the reply was lost), to be undone.
     """
 
     def __init__(
@@ -81,7 +82,7 @@ class Batcher(Generic[T]):
     ) -> None:
         self._in_flight -= 1
         error = written.exception()
-        gave_up = [item for item, done in batch if done.cancelled()]
+        gave_up = [item for item, done in batch if error is not None or done.cancelled()]
         for _, done in batch:
             resolve(done, error)
         if gave_up and self._abandoned is not None:

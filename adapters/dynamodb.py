@@ -41,11 +41,13 @@ TRANSIENT = {
 
 
 CONNECT_TIMEOUT_S = 2
-READ_TIMEOUT_S = 5
+READ_TIMEOUT_S = 2
 
 
 def make_client(endpoint_url: str | None, region: str, pool: int = 32) -> Any:
-    """A thread-safe low-level client; short timeouts so an outage is noticed quickly."""
+    """A thread-safe low-level client; short timeouts and one retry (a keep-alive
+    connection the server closed), so a call to a hung store ends within two read timeouts
+    and an API read is answered 503 in time; the sinks retry with backoff themselves."""
     return boto3.client(
         "dynamodb",
         endpoint_url=endpoint_url,
@@ -54,7 +56,7 @@ def make_client(endpoint_url: str | None, region: str, pool: int = 32) -> Any:
             max_pool_connections=pool,
             connect_timeout=CONNECT_TIMEOUT_S,
             read_timeout=READ_TIMEOUT_S,
-            retries={"mode": "standard", "max_attempts": 3},
+            retries={"mode": "standard", "max_attempts": 2},
             parameter_validation=False,  # our items are built by _item(), already well-formed
         ),
     )
@@ -359,7 +361,8 @@ def _status(item: dict[str, Any]) -> RequestStatus:
 BATCH = 25  # BatchWriteItem's limit
 # Tries to delete abandoned PENDING records while the store recovers; after that they
 # expire with the status TTL (nobody holds their ids).
-UNDO_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0)
+UNDO_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 16.0)
+UNDO_CONFIRM_S = 2.0
 
 
 def _terminal(o: Outcome) -> RequestStatus:
@@ -425,11 +428,17 @@ class DynamoStatusStore:
         task.add_done_callback(self._undoing.discard)
 
     async def _delete(self, items: list[dict[str, Any]]) -> None:
-        # Unconditional: nobody was given these ids and none was queued, so no outcome exists.
+        """Unconditional: nobody was given these ids and none was queued, so no outcome
+        exists. Deleted twice, ``UNDO_CONFIRM_S`` apart: a put a frozen store still held
+        when the first delete came may be applied after it."""
+        deleted = 0
         for delay in UNDO_BACKOFF_S:
             try:
                 await self._pending_writer.delete_all(items)
-                return
+                deleted += 1
+                if deleted == 2:
+                    return
+                await asyncio.sleep(UNDO_CONFIRM_S)
             except Unavailable:
                 await asyncio.sleep(delay)
         log.warning("could not delete abandoned PENDING records", count=len(items))

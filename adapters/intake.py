@@ -33,10 +33,8 @@ class PendingThenQueue:
         await self._statuses.put_pending(pending)
         try:
             await self._queue.publish(message)
-        except Unavailable:
-            await self._withdraw(message.request_id)
-            raise
-        except asyncio.CancelledError:  # the caller gave up: withdraw without it
+        except (Unavailable, asyncio.CancelledError):
+            # In the background: the caller's 503 does not wait on the status store.
             task = asyncio.get_running_loop().create_task(self._withdraw(message.request_id))
             self._withdrawing.add(task)
             task.add_done_callback(self._withdrawing.discard)

@@ -19,7 +19,7 @@ from ingest_api.routes import router
 
 log = structlog.get_logger("ingest_api")
 # Beyond the produce timeout, so the queue's own delivery report decides when it can.
-INTAKE_GRACE_S = 0.5
+INTAKE_GRACE_S = 0.2
 
 
 def create_app(

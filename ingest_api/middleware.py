@@ -28,7 +28,9 @@ def correlation_id_of(scope: Scope) -> str:
 
 
 class CorrelationMiddleware:
-    """Binds correlation_id to every log line of the request and echoes it back."""
+    """Binds correlation_id to every log line of the request and echoes it back, with the
+    time the app took to start answering (``Server-Timing: app;dur=<ms>``), so a client
+    can tell the API's wait from its own and the network's."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -49,6 +51,8 @@ class CorrelationMiddleware:
                 status = message["status"]
                 headers = list(message.get("headers", ()))
                 headers.append((CORRELATION_HEADER, correlation_id.encode()))
+                took_ms = (time.perf_counter() - started) * 1000
+                headers.append((b"server-timing", f"app;dur={took_ms:.1f}".encode()))
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -88,9 +88,18 @@ async def submit_trade(
     response_model=RequestOut,
     responses={404: {**PROBLEM, "description": "Unknown request id"}, **UNAVAILABLE},
 )
-def get_request(request_id: str, services: ServicesDep) -> Response:
+async def get_request(request_id: str, services: ServicesDep, settings: SettingsDep) -> Response:
     """The status of one submission: PENDING, then SUCCESS or FAILED with a reason."""
-    status = services.statuses.get(request_id) if valid_id(request_id) else None
+    status = None
+    if valid_id(request_id):
+        # Bounded like a submission: a hung status store is a 503 in time.
+        timeout_s = settings.produce_timeout_ms / 1000
+        try:
+            status = await asyncio.wait_for(
+                run_in_threadpool(services.statuses.get, request_id), timeout_s
+            )
+        except TimeoutError:
+            raise Unavailable(f"status store did not answer within {timeout_s:g} s") from None
     if status is None:
         raise ProblemError(404, "NOT_FOUND", f"No request {request_id}", field="request_id")
     return _json(200, RequestOut.of(status).model_dump(mode="json"))

@@ -330,6 +330,12 @@ class HungStatusStore(FakeStatusStore):
     async def put_pending(self, status: RequestStatus) -> None:
         await asyncio.Event().wait()
 
+    def get(self, request_id: str) -> RequestStatus | None:
+        self.released.wait(5)  # blocks a worker thread, as a read of a frozen store does
+        return None
+
+    released = threading.Event()
+
 
 class HungQueue(FakeQueue):
     """Takes messages and never acknowledges them, like a frozen broker."""
@@ -356,10 +362,25 @@ def test_a_hung_status_store_is_503_within_the_produce_timeout() -> None:
     assert reply.status_code == 503
     assert reply.headers["retry-after"] == "7"
     assert 0.3 <= took < 0.3 + 0.5 + 0.3  # produce timeout + the grace, + slack for the test
+    # The app's own share of that, as it tells the client.
+    app_s = float(reply.headers["server-timing"].removeprefix("app;dur=")) / 1000
+    assert 0.3 <= app_s <= took
     assert (
         reply.json()["detail"]
         == "The status store or queue is unavailable or did not answer in time"
     )
+
+
+def test_a_read_of_a_hung_status_store_is_503_within_the_produce_timeout() -> None:
+    store = HungStatusStore()
+    with hung_api(store, FakeQueue()) as client:
+        started = time.monotonic()
+        reply = client.get("/api/v1/requests/r-1")
+        took = time.monotonic() - started
+        store.released.set()
+    assert reply.status_code == 503
+    assert reply.headers["retry-after"] == "7"
+    assert 0.3 <= took < 0.3 + 0.3
 
 
 def test_a_hung_queue_is_503_and_the_pending_record_is_withdrawn() -> None:

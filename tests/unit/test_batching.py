@@ -104,3 +104,14 @@ async def test_callers_giving_up_during_their_write_are_handed_back() -> None:
     await kept
     assert store.batches == [[1, 2]]
     assert abandoned == [[1]]
+
+
+async def test_a_failed_write_is_handed_back_whole() -> None:
+    """A write that failed may still have been applied (the reply was lost): every item of
+    its batch goes to ``abandoned``, while its callers get the error."""
+    store = Store(fail=True)
+    abandoned: list[list[int]] = []
+    batcher: Batcher[int] = Batcher(store.write, max_batch=10, abandoned=abandoned.append)
+    results = await asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True)
+    assert all(isinstance(r, OSError) for r in results)
+    assert abandoned == [[1, 2]]
