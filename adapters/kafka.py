@@ -68,12 +68,16 @@ def delivery_error(err: KafkaError | None, deadline: int, msg: Message) -> Unava
     return None
 
 
-def headers_of(message: TradeMessage, deadline: int) -> list[tuple[str, str | bytes | None]]:
-    return [
+def headers_of(message: TradeMessage, deadline: int | None) -> list[tuple[str, str | bytes | None]]:
+    """The queued record's headers; ``deadline`` None for a record no API is waiting on
+    (a bulk load), which the dataflow then never refuses as late."""
+    headers: list[tuple[str, str | bytes | None]] = [
         ("request_id", message.request_id.encode()),
         ("correlation_id", message.correlation_id.encode()),
-        (DEADLINE_HEADER, str(deadline).encode()),
     ]
+    if deadline is not None:
+        headers.append((DEADLINE_HEADER, str(deadline).encode()))
+    return headers
 
 
 class KafkaTradeQueue:

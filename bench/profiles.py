@@ -362,7 +362,9 @@ class ServicesStage(Stage):
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def preload(self, messages: Sequence[Any], progress: Callable[[int], None]) -> None:
-        """A raw acks=all idempotent producer, keyed and headed exactly like the API's."""
+        """A raw acks=all idempotent producer, keyed and headed like the API's, but with no
+        queue deadline: nobody waits on a preloaded record (like a backfill), so the
+        dataflow never refuses one as late however long the preload takes."""
         from confluent_kafka import Producer
 
         from adapters.kafka import headers_of
@@ -392,7 +394,7 @@ class ServicesStage(Stage):
                         self.topic,
                         key=message.trade.trade_id.encode(),
                         value=encode(message),
-                        headers=headers_of(message),
+                        headers=headers_of(message, None),
                         on_delivery=on_delivery,
                     )
                     break
@@ -442,16 +444,22 @@ class ServicesStage(Stage):
     ) -> dict[str, Any]:
         """Per batch: COPY → temp table → one INSERT … ON CONFLICT for trades (the same
         guard trigger fires) and one for the decision log, one commit; then the batch's
-        statuses as BatchWriteItem of 25 on a thread pool, overlapping the next batch."""
+        statuses on a thread pool, overlapping the next batch: the status contract's
+        consistent read of which are terminal (BatchGetItem of 100, the app's own request),
+        then BatchWriteItem of 25."""
+        from adapters.dynamodb import BatchWriter
         from config.clock import utc_now
 
         writer = LeanBatchWriter(self.dynamo(), self.table)
+        reader = BatchWriter(self.dynamo(), self.table)
         pg_time = 0.0
         status_time: list[float] = []
 
         def write_statuses(rows: Sequence[TerminalRow]) -> None:
             t0 = time.perf_counter()
             now = utc_now()
+            for part in _chunks([r.request_id for r in rows], 100):
+                reader.terminal(list(part))
             writer.put([_status_item(r, now) for r in rows])
             status_time.append(time.perf_counter() - t0)
 

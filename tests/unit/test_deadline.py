@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 from bytewax.connectors.kafka import KafkaSourceMessage
 
-from adapters.kafka import delivery_error, producer_config
+from adapters.kafka import delivery_error, headers_of, producer_config
 from dataflows.trades import dead_letter_outcome, decode_record
 from domain.deadline import (
     DEADLINE_HEADER,
@@ -15,11 +15,14 @@ from domain.deadline import (
     deadline_ms,
     deadline_of,
 )
+from domain.message import TradeMessage, decode, encode
 from domain.ports import Unavailable
+from domain.trade import Trade
 from sinks.dead_letter import DeadLetter
 
 CREATE_TIME = 1
 ACCEPTED = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+TRADE = Trade("T1", 1, "CP-1", "B1", date(2026, 6, 1), date(2026, 1, 2))
 
 
 def test_the_deadline_is_accepted_at_plus_the_produce_timeout() -> None:
@@ -47,6 +50,18 @@ def test_the_deadline_header() -> None:
     assert deadline_of([(DEADLINE_HEADER, b"soon")]) is None
     assert deadline_of([]) is None
     assert deadline_of(None) is None
+
+
+def test_a_bulk_loaded_record_carries_no_deadline_and_is_never_late() -> None:
+    """Records no API waits on (a preload, a backfill) are decided however late they land."""
+    message = decode(encode(TradeMessage("r-1", "c-1", ACCEPTED.date(), ACCEPTED, TRADE)))
+    headers = headers_of(message, None)
+    assert deadline_of(headers) is None
+    record = KafkaSourceMessage(
+        b"T1", encode(message), headers=headers, timestamp=(LOG_APPEND_TIME, 2**41)
+    )
+    assert decode_record(record) == message
+    assert deadline_of(headers_of(message, 1234)) == 1234
 
 
 def test_librdkafka_reports_every_message_within_the_produce_timeout() -> None:
