@@ -25,6 +25,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    make_url,
     or_,
     select,
     text,
@@ -58,13 +59,16 @@ def make_engine(url: str, pool_size: int = 10, statement_timeout_ms: int = 5_000
         f"-c statement_timeout={statement_timeout_ms}"
         f" -c idle_in_transaction_session_timeout={statement_timeout_ms}"
     )
+    # connect_args replace the URL's own ``options`` (e.g. a search_path): keep them.
+    given = make_url(url).query.get("options", "")
+    options = " ".join([*(given if isinstance(given, tuple) else [given]), timeouts]).strip()
     engine = create_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_recycle=1800,
-        connect_args={"connect_timeout": 5, "options": timeouts},
+        connect_args={"connect_timeout": 5, "options": options},
     )
     reply_timeout_s = statement_timeout_ms / 1000 + REPLY_GRACE_S
     event.listen(engine, "do_connect", partial(_bounded_connect, reply_timeout_s))

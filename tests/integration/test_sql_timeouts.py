@@ -158,3 +158,14 @@ def test_a_server_frozen_mid_statement_is_unavailable_within_the_reply_bound(
     assert bound <= waited < bound + 1.5
     proxy.thaw()
     store.ping()
+
+
+def test_the_urls_own_options_are_kept_beside_the_timeouts(service_settings: Settings) -> None:
+    """A search_path (or any option) given in the database URL still applies: the bench
+    and any deployment with a schema of its own rely on it."""
+    url = service_settings.database_url.get_secret_value() + "?options=-csearch_path%3Dkept"
+    engine = make_engine(url, statement_timeout_ms=4321)
+    with engine.connect() as conn:
+        assert conn.execute(text("SHOW search_path")).scalar() == "kept"
+        assert conn.execute(text("SHOW statement_timeout")).scalar() == "4321ms"
+    engine.dispose()
