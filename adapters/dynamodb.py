@@ -365,21 +365,6 @@ UNDO_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 16.0)
 UNDO_CONFIRM_S = 2.0
 
 
-def _terminal(o: Outcome) -> RequestStatus:
-    """The status a logged outcome makes: every timestamp from the decision log."""
-    decided = o.logged_at()
-    return RequestStatus(
-        request_id=o.request_id,
-        state=o.state,
-        trade_id=o.trade_id,
-        version=o.version,
-        created_at=o.accepted_at or decided,
-        updated_at=decided,
-        reason_code=o.reason_code,
-        failure_reason=o.failure_reason,
-    )
-
-
 class DynamoStatusStore:
     """Status store on DynamoDB, written in BatchWriteItem batches.
 
@@ -460,7 +445,7 @@ class DynamoStatusStore:
 
     def complete(self, outcomes: Sequence[Outcome]) -> None:
         items = {
-            o.request_id: _item(_terminal(o), self._expires_at(o.logged_at())) for o in outcomes
+            o.request_id: _item(o.as_status(), self._expires_at(o.logged_at())) for o in outcomes
         }
         ids = list(items)
         reads = [ids[i : i + GET_BATCH] for i in range(0, len(ids), GET_BATCH)]

@@ -20,9 +20,9 @@ class Overloaded(Exception):
 
 class PendingThenQueue:
     """Two stores, one order: PENDING first, so the dataflow's outcome can never be
-    overwritten by it (status writes are unconditional batches); if the trade then cannot
-    be queued, or the caller gives up waiting for the queue, the PENDING record is
-    withdrawn and the caller gets Unavailable."""
+    overwritten by it; if the trade then cannot be queued, or the caller gives up waiting
+    for the queue, the PENDING record is withdrawn (in the background) and the caller
+    gets Unavailable."""
 
     def __init__(self, statuses: StatusStore, queue: TradeQueue) -> None:
         self._statuses = statuses

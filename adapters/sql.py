@@ -279,12 +279,7 @@ class SqlTradeStore:
             )
             return conn.execute(stmt).rowcount
 
-        total = 0
-        while True:
-            count = self._run(one_chunk)
-            total += count
-            if count < chunk:
-                return total
+        return self._in_chunks(one_chunk, chunk)
 
     def delete_outcomes(self, decided_before: datetime) -> int:
         """Delete decision-log rows decided before ``decided_before``, a chunk per
@@ -296,11 +291,16 @@ class SqlTradeStore:
             .limit(DELETE_CHUNK)
         )
         stmt = delete(request_outcomes).where(request_outcomes.c.request_id.in_(oldest))
+        return self._in_chunks(lambda conn: conn.execute(stmt).rowcount, DELETE_CHUNK)
+
+    def _in_chunks(self, one_chunk: Callable[[Connection], int], chunk: int) -> int:
+        """Run ``one_chunk`` (at most ``chunk`` rows) a transaction each, until it comes
+        back short; return how many rows it touched in all."""
         total = 0
         while True:
-            count: int = self._run(lambda conn: conn.execute(stmt).rowcount)
+            count = self._run(one_chunk)
             total += count
-            if count < DELETE_CHUNK:
+            if count < chunk:
                 return total
 
     def ping(self) -> None:

@@ -110,13 +110,20 @@ class Writer:
         os.close(self._lock)
 
 
-def write_once(path: Path, sql: str, rows: Sequence[Params], what: str) -> None:
-    """Open, write in one transaction, close (bulk loads and rare writes)."""
+@contextmanager
+def writer_of(path: Path) -> Iterator[Writer]:
+    """A writer for the duration of one job, closed after it (rare writes and sweeps)."""
     writer = Writer(path)
     try:
-        writer.write_all(sql, rows, what)
+        yield writer
     finally:
         writer.close()
+
+
+def write_once(path: Path, sql: str, rows: Sequence[Params], what: str) -> None:
+    """Open, write in one transaction, close (bulk loads and rare writes)."""
+    with writer_of(path) as writer:
+        writer.write_all(sql, rows, what)
 
 
 class GroupCommit(Generic[T]):
@@ -291,22 +298,20 @@ class SqliteStatusStore:
         )
 
     def complete(self, outcomes: Sequence[Outcome]) -> None:
-        rows = []
-        for o in outcomes:
-            decided = o.logged_at()
-            rows.append(
-                (
-                    o.request_id,
-                    o.state.value,
-                    o.trade_id,
-                    o.version,
-                    (o.accepted_at or decided).isoformat(),
-                    decided.isoformat(),
-                    o.reason_code.value if o.reason_code else None,
-                    o.failure_reason,
-                    self._expires(decided),
-                )
+        rows = [
+            (
+                s.request_id,
+                s.state.value,
+                s.trade_id,
+                s.version,
+                s.created_at.isoformat(),
+                s.updated_at.isoformat(),
+                s.reason_code.value if s.reason_code else None,
+                s.failure_reason,
+                self._expires(s.updated_at),
             )
+            for s in (o.as_status() for o in outcomes)
+        ]
         self._writer().write_all(COMPLETE, rows, "status store")
 
     def fail_pending(self, outcomes: Sequence[Outcome]) -> None:
@@ -326,11 +331,8 @@ class SqliteStatusStore:
     def delete_expired(self, now: datetime) -> int:
         """Delete the records that expired before ``now`` (reads already treat them as
         gone; DynamoDB's TTL does the same in the services profile); return how many."""
-        writer = Writer(self.path)
-        try:
+        with writer_of(self.path) as writer:
             return delete_in_chunks(writer, DELETE_EXPIRED, (int(now.timestamp()),), "status store")
-        finally:
-            writer.close()
 
     def get(self, request_id: str) -> RequestStatus | None:
         try:
@@ -483,8 +485,7 @@ class SqliteInboundLog:
         adopts the current setting, once): another count would route trade_ids to other
         partitions, breaking per-trade order (raised) or stranding entries (lowered).
         """
-        writer = Writer(self.path)
-        try:
+        with writer_of(self.path) as writer:
             writer.conn.executescript(LOG_SCHEMA)
             with writer.transaction("inbound log") as conn:
                 columns = {row[1] for row in conn.execute("PRAGMA table_info(inbound_log)")}
@@ -497,8 +498,6 @@ class SqliteInboundLog:
                 (recorded,) = conn.execute(
                     "SELECT value FROM log_meta WHERE name = 'partitions'"
                 ).fetchone()
-        finally:
-            writer.close()
         if recorded != self.partitions:
             raise PartitionCountMismatch(
                 f"{self.path} was created with {recorded} partitions but"
@@ -539,8 +538,7 @@ class SqliteInboundLog:
         (what the recovery snapshots record); a partition without one keeps everything.
         Entries from before ``accepted_at`` was recorded (NULL) count as old enough.
         """
-        writer = Writer(self.path)
-        try:
+        with writer_of(self.path) as writer:
             young = writer.conn.execute(
                 FIRST_ACCEPTED_SINCE, (int(accepted_before.timestamp()),)
             ).fetchone()
@@ -549,8 +547,6 @@ class SqliteInboundLog:
                 upto = seq if young is None else min(seq, young[0] - 1)
                 total += delete_in_chunks(writer, DELETE_READ, (partition, upto), "inbound log")
             return total
-        finally:
-            writer.close()
 
     def close(self) -> None:
         if self._appender is not None:
@@ -579,12 +575,9 @@ def write_dead_letters(
 
 def delete_dead_letters(path: Path, created_before: datetime) -> int:
     """Delete the dead letters stored before ``created_before``; return how many."""
-    writer = Writer(path)
-    try:
-        before = created_before.astimezone(UTC).isoformat()
+    before = created_before.astimezone(UTC).isoformat()
+    with writer_of(path) as writer:
         return delete_in_chunks(writer, DELETE_DEAD_LETTERS, (before,), "dead letters")
-    finally:
-        writer.close()
 
 
 class SqliteTradeQueue:

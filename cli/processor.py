@@ -23,6 +23,7 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
 
 from adapters import wiring
+from adapters.sql import SqlTradeStore
 from adapters.sqlite import SqliteStatusStore, delete_dead_letters
 from config.clock import business_today, utc_now
 from config.runtime import tune_gc
@@ -114,13 +115,19 @@ class RetentionSweeper(Periodic):
     ``TRADE_STORE_RETENTION_CHECK_SECONDS``. Trades themselves are kept: the store of record.
     """
 
-    def __init__(self, settings: Settings, inbound_step_id: str) -> None:
+    def __init__(
+        self, settings: Settings, inbound_step_id: str, trades: SqlTradeStore | None = None
+    ) -> None:
         super().__init__("retention-sweeper", settings.retention_check_seconds)
         self._settings = settings
         self._step_id = inbound_step_id
-        self._trades = wiring.trade_store(settings)
-        self._log = wiring.inbound_log(settings)
-        self._statuses = SqliteStatusStore(self._log.path, settings.status_ttl_days)
+        self._trades = trades or wiring.trade_store(settings)
+        # Embedded only: in the services profile DynamoDB's TTL and the topics' retention.ms
+        # do the rest.
+        self._log = wiring.inbound_log(settings) if settings.embedded else None
+        self._statuses = (
+            SqliteStatusStore(self._log.path, settings.status_ttl_days) if self._log else None
+        )
 
     def tick(self) -> None:
         self.sweep(utc_now())
@@ -131,13 +138,14 @@ class RetentionSweeper(Periodic):
         steps: dict[str, Callable[[], int]] = {
             "decisions": lambda: self._trades.delete_outcomes(now - cfg.decision_log_retention)
         }
-        if cfg.embedded:  # services: DynamoDB's TTL, the topics' retention.ms
-            steps["statuses"] = lambda: self._statuses.delete_expired(now)
-            steps["inbound_log"] = lambda: self._log.delete_read(
+        inbound, statuses = self._log, self._statuses
+        if inbound is not None and statuses is not None:
+            steps["statuses"] = lambda: statuses.delete_expired(now)
+            steps["inbound_log"] = lambda: inbound.delete_read(
                 resume_positions(cfg.recovery_path, self._step_id), now - cfg.inbound_retention
             )
             steps["dead_letters"] = lambda: delete_dead_letters(
-                self._log.path, now - timedelta(days=cfg.dead_letter_retention_days)
+                inbound.path, now - timedelta(days=cfg.dead_letter_retention_days)
             )
         deleted: dict[str, int] = {}
         for name, step in steps.items():
@@ -175,13 +183,10 @@ def run(
             log.info("topics created", topics=created)
         ensure_recovery_dir(settings.recovery_path, settings.recovery_partitions)
         dataflow = flow(settings)
+        trades = wiring.trade_store(settings)  # one engine for both sweeps
         sweepers = [
-            ExpirySweeper(
-                wiring.trade_store(settings),
-                settings.business_timezone,
-                settings.expiry_check_seconds,
-            ),
-            RetentionSweeper(settings, f"{dataflow.flow_id}.{INBOUND_STEP}"),
+            ExpirySweeper(trades, settings.business_timezone, settings.expiry_check_seconds),
+            RetentionSweeper(settings, f"{dataflow.flow_id}.{INBOUND_STEP}", trades),
         ]
         for sweeper in sweepers:
             sweeper.start()

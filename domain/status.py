@@ -59,6 +59,20 @@ class Outcome:
             raise ValueError(f"outcome of {self.request_id} was never logged")
         return self.decided_at
 
+    def as_status(self) -> RequestStatus:
+        """The terminal status it makes, every timestamp from the decision log."""
+        decided = self.logged_at()
+        return RequestStatus(
+            request_id=self.request_id,
+            state=self.state,
+            trade_id=self.trade_id,
+            version=self.version,
+            created_at=self.accepted_at or decided,
+            updated_at=decided,
+            reason_code=self.reason_code,
+            failure_reason=self.failure_reason,
+        )
+
     def __post_init__(self) -> None:
         if not self.state.terminal:
             raise ValueError("an outcome is SUCCESS or FAILED")

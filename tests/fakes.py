@@ -181,17 +181,11 @@ class FakeStatusStore:
 
 
 def _terminal(o: Outcome, old: RequestStatus | None) -> RequestStatus:
-    """A terminal status as every store writes it: stamped from the decision log."""
-    return RequestStatus(
-        request_id=o.request_id,
-        state=o.state,
-        trade_id=old.trade_id if old else o.trade_id,
-        version=old.version if old else o.version,
-        created_at=old.created_at if old else (o.accepted_at or o.logged_at()),
-        updated_at=o.logged_at(),
-        reason_code=o.reason_code,
-        failure_reason=o.failure_reason,
-    )
+    """A terminal status as every store writes it, over a PENDING record's identity."""
+    status = o.as_status()
+    if old is None:
+        return status
+    return replace(status, trade_id=old.trade_id, version=old.version, created_at=old.created_at)
 
 
 class FakeQueue:
