@@ -48,6 +48,10 @@ RESULTS = LOGS / "faults.json"
 RATE = 100  # POST/s offered, whatever the answers
 IN_FLIGHT_CAP = 1500  # beyond it a tick is skipped (counted), so the load stays bounded
 CLIENT_TIMEOUT_S = 30  # an answer later than this counts as no answer
+# Idle connections are dropped by the client well before uvicorn's keep-alive timeout
+# (5 s): at equal timeouts a request sent on a connection the server is closing at that
+# instant fails with a ReadError, unsent (httpx's default expiry is 5 s too).
+CLIENT_KEEPALIVE_S = 2.0
 STALE_EVERY = 8  # every 8th request of a lane re-sends an older acknowledged version
 SAMPLE_EVERY = 10  # every 10th acknowledged request is polled for its status
 ANSWERS = {202, 429, 503}  # what POST may answer under faults; 429/503 with Retry-After

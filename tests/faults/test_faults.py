@@ -85,7 +85,10 @@ def test_fault(fault: str, settings: Settings, restored: dict[str, Service]) -> 
                         httpx.AsyncClient(
                             base_url=stack.base_url,
                             timeout=harness.CLIENT_TIMEOUT_S,
-                            limits=httpx.Limits(max_connections=harness.IN_FLIGHT_CAP),
+                            limits=httpx.Limits(
+                                max_connections=harness.IN_FLIGHT_CAP,
+                                keepalive_expiry=harness.CLIENT_KEEPALIVE_S,
+                            ),
                         )
                     )
                     for _ in range(1 + LOAD_CLIENTS)
