@@ -203,7 +203,7 @@ class SqlTradeStore:
     def highest_versions(self, trade_ids: Collection[str]) -> dict[str, int]:
         if not trade_ids:
             return {}
-        return self._run(lambda conn: _batch_sql(conn).heads(conn, list(trade_ids)))
+        return self._run(lambda conn: statements_for(conn).heads(conn, list(trade_ids)))
 
     def apply(self, trades_in: Sequence[Trade]) -> set[tuple[str, int]]:
         return self._run(lambda conn: _upsert(conn, trades_in))
@@ -307,7 +307,7 @@ class SqlTradeStore:
         self._run(lambda conn: conn.execute(text("SELECT 1")))
 
 
-class _PostgresBatches:
+class PostgresStatements:
     """Whole batches as one statement each, by passing columns as arrays to unnest()."""
 
     HEADS = text(
@@ -379,7 +379,7 @@ def _sqlite_time(moment: datetime) -> str:
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
-class _SqliteBatches:
+class SqliteStatements:
     """SQLite runs in-process, so prepared statements per row cost microseconds; id lists
     travel as one JSON parameter."""
 
@@ -457,12 +457,12 @@ class _SqliteBatches:
         )
 
 
-_POSTGRES = _PostgresBatches()
-_SQLITE = _SqliteBatches()
+POSTGRES = PostgresStatements()
+SQLITE = SqliteStatements()
 
 
-def _batch_sql(conn: Connection) -> _PostgresBatches | _SqliteBatches:
-    return _POSTGRES if conn.dialect.name == "postgresql" else _SQLITE
+def statements_for(conn: Connection) -> PostgresStatements | SqliteStatements:
+    return POSTGRES if conn.dialect.name == "postgresql" else SQLITE
 
 
 def _upsert(conn: Connection, trades_in: Sequence[Trade]) -> set[tuple[str, int]]:
@@ -470,7 +470,7 @@ def _upsert(conn: Connection, trades_in: Sequence[Trade]) -> set[tuple[str, int]
     rows = dedupe_last(trades_in)
     if not rows:
         return set()
-    return _batch_sql(conn).upsert(conn, rows, datetime.now(UTC))
+    return statements_for(conn).upsert(conn, rows, datetime.now(UTC))
 
 
 def _moment(value: datetime | str | None) -> datetime | None:
@@ -501,7 +501,7 @@ class _DecisionLog:
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
-        self._sql = _batch_sql(conn)
+        self._sql = statements_for(conn)
 
     def logged(self, request_ids: Sequence[str]) -> dict[str, Outcome]:
         return self._sql.logged(self._conn, list(request_ids))
