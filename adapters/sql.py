@@ -36,8 +36,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from adapters.sqlite import DELETE_CHUNK, PRAGMAS
 from adapters.tables import request_outcomes, trades
-from domain.decided import Decided, record_dead_letters, record_decisions
-from domain.ports import StoredTrade, TradeFilter, Unavailable
+from domain.ports import DecisionLog, StoredTrade, TradeFilter, Unavailable
 from domain.status import Outcome, RequestState
 from domain.trade import ReasonCode, Trade
 
@@ -181,7 +180,8 @@ EXPIRE_CHUNK = 10_000  # rows per expiry statement: ~0.2 s on PostgreSQL here
 
 
 class SqlTradeStore:
-    """The trade store; the version guard is a trigger in the database (see migrations)."""
+    """The trade store: the API's reads (``TradeReader``) and the processor's heads and
+    decision log (``DecisionStore``); the version guard is a trigger (see migrations)."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -205,22 +205,11 @@ class SqlTradeStore:
             return {}
         return self._run(lambda conn: statements_for(conn).heads(conn, list(trade_ids)))
 
-    def apply(self, trades_in: Sequence[Trade]) -> set[tuple[str, int]]:
-        return self._run(lambda conn: _upsert(conn, trades_in))
-
-    def record(self, decided: Sequence[Decided]) -> list[Outcome]:
-        if not decided:
-            return []
-        return self._run(
-            lambda conn: record_decisions(_DecisionLog(conn), decided, datetime.now(UTC))
-        )
-
-    def record_dead_letters(self, failed: Sequence[Outcome]) -> list[Outcome]:
-        if not failed:
-            return []
-        return self._run(
-            lambda conn: record_dead_letters(_DecisionLog(conn), failed, datetime.now(UTC))
-        )
+    @contextmanager
+    def transaction(self) -> Iterator[DecisionLog]:
+        """One transaction's decision-log primitives (``domain.ports.DecisionLog``)."""
+        with self._connect() as conn:
+            yield _DecisionLog(conn)
 
     def _select(self, as_of: date) -> Any:
         return select(
@@ -497,7 +486,7 @@ def _logged(row: Any) -> Outcome:
 
 
 class _DecisionLog:
-    """``domain.decided.DecisionLog`` on one open transaction."""
+    """``domain.ports.DecisionLog`` on one open transaction."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn

@@ -29,7 +29,7 @@ from config.clock import business_today, utc_now
 from config.runtime import tune_gc
 from config.settings import Settings, get_settings
 from dataflows.trades import build_flow
-from domain.ports import TradeStore, Unavailable
+from domain.ports import TradeSweeps, Unavailable
 from sinks.dead_letter import DeadLetter, KafkaDeadLetterSink, SqliteDeadLetterSink
 from sources.kafka import kafka_inbound
 from sources.sqlite_log import SqliteLogSource, resume_positions
@@ -88,7 +88,7 @@ class Periodic(threading.Thread):
 class ExpirySweeper(Periodic):
     """Marks matured trades expired at start and whenever the business date changes."""
 
-    def __init__(self, store: TradeStore, timezone: str, every_s: float) -> None:
+    def __init__(self, store: TradeSweeps, timezone: str, every_s: float) -> None:
         super().__init__("expiry-sweeper", every_s)
         self._store = store
         self._timezone = timezone

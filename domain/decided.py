@@ -1,16 +1,14 @@
-"""A message with its decision, the outcome that follows once the store has spoken, and
-the one way decisions are recorded."""
+"""A message with its decision, the version rule applied in queue order, and the outcome
+that follows once the store has spoken."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime
-from typing import Protocol
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from domain.message import TradeMessage
 from domain.status import Outcome, RequestState
-from domain.trade import Accepted, Decision, ReasonCode, Rejected, Trade
+from domain.trade import Accepted, Decision, ReasonCode, Rejected, decide, next_highest
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,26 +23,19 @@ class Decided:
         return isinstance(self.decision, Accepted)
 
 
-def apply_in_queue_order(
-    decided: Sequence[Decided], apply: Callable[[list[Trade]], set[tuple[str, int]]]
-) -> list[Outcome]:
-    """Apply a batch's accepted trades with ``apply`` (which returns the keys the store
-    wrote) and tell each request's outcome, as applying them one by one in queue order
-    would: a version below one accepted earlier in the batch for its trade_id was decided
-    before that one reached the store, so it is not applied and ends FAILED as stale."""
-    highest: dict[str, int] = {}
-    applied: list[bool] = []
-    for d in decided:
-        trade = d.message.trade
-        ok = d.accepted and trade.version >= highest.get(trade.trade_id, 0)
-        if ok:
-            highest[trade.trade_id] = trade.version
-        applied.append(ok)
-    stored = apply([d.message.trade for d, ok in zip(decided, applied, strict=True) if ok])
-    return [
-        outcome_of(d, ok and (d.message.trade.trade_id, d.message.trade.version) in stored)
-        for d, ok in zip(decided, applied, strict=True)
-    ]
+def decide_in_order(items: Iterable[tuple[TradeMessage, int | None]]) -> list[Decided]:
+    """Messages decided in queue order, each against the highest version of its trade_id
+    stored (given with it, ``None`` when it has no row) or accepted before it."""
+    highest: dict[str, int | None] = {}
+    decided = []
+    for message, stored in items:
+        trade = message.trade
+        before = highest.get(trade.trade_id)
+        known = stored if before is None else max(before, stored or 0)
+        decision = decide(known, trade, message.accepted_on)
+        highest[trade.trade_id] = next_highest(known, trade, decision)
+        decided.append(Decided(message, decision))
+    return decided
 
 
 def outcome_of(decided: Decided, stored: bool) -> Outcome:
@@ -77,62 +68,3 @@ def outcome_of(decided: Decided, stored: bool) -> Outcome:
         reason,
         message.accepted_at,
     )
-
-
-class DecisionLog(Protocol):
-    """The primitives of recording decisions, all inside one transaction of the trade
-    store: whatever the calls do commits together or not at all."""
-
-    def logged(self, request_ids: Sequence[str]) -> dict[str, Outcome]:
-        """The logged outcome of each of ``request_ids`` that has one."""
-        ...
-
-    def upsert(self, trades: Sequence[Trade]) -> set[tuple[str, int]]:
-        """Upsert rows (the store's guard skips any below its head); the keys written."""
-        ...
-
-    def log(self, outcomes: Sequence[Outcome]) -> None:
-        """Log outcomes of requests that have none (``decided_at`` set)."""
-        ...
-
-
-def record_decisions(log: DecisionLog, decided: Sequence[Decided], now: datetime) -> list[Outcome]:
-    """Apply and log a batch of decisions; one outcome per input, in order.
-
-    A request already in the log keeps its logged outcome and is not applied again, so a
-    replay after a crash changes nothing: neither the store nor, since the outcome and its
-    ``decided_at`` come back from the log, any status written from it.
-    """
-    ids = [d.message.request_id for d in decided]
-    logged = log.logged(ids)
-    fresh: dict[str, Decided] = {}
-    for d in decided:
-        if d.message.request_id not in logged:
-            fresh.setdefault(d.message.request_id, d)
-    outcomes = [
-        replace(o, decided_at=now) for o in apply_in_queue_order(list(fresh.values()), log.upsert)
-    ]
-    if outcomes:
-        log.log(outcomes)
-    by_id = logged | {o.request_id: o for o in outcomes}
-    return [by_id[rid] for rid in ids]
-
-
-def record_dead_letters(
-    log: DecisionLog, failed: Sequence[Outcome], now: datetime
-) -> list[Outcome]:
-    """Log the FAILED outcomes of dead letters whose request is not decided yet; return
-    those the status store should take (first logged now, or on a replay, before).
-
-    A dead letter naming a request that was decided otherwise (a forged or reused
-    request_id) changes nothing: that request keeps its logged outcome and status.
-    """
-    logged = log.logged([o.request_id for o in failed])
-    fresh: dict[str, Outcome] = {}
-    for o in failed:
-        if o.request_id not in logged:
-            fresh.setdefault(o.request_id, replace(o, decided_at=now))
-    if fresh:
-        log.log(list(fresh.values()))
-    ours = {rid: o for rid, o in logged.items() if o.reason_code is ReasonCode.INVALID_MESSAGE}
-    return list((ours | fresh).values())

@@ -1,17 +1,18 @@
-"""The interfaces the API and the dataflow need from the outside world, one per role.
+"""The interfaces the use cases need from the outside world, one per role and caller.
 
-Each has one real implementation per deployment profile in ``adapters/``; unit tests use
-small hand-written fakes of these, not mocks.
+Implemented in ``adapters/`` (some by one adapter in both profiles, the SQL trade store;
+some by one per profile) and, for unit tests, by the fakes in ``tests/fakes.py``, which
+pass the same contract tests.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Protocol
 
-from domain.decided import Decided
 from domain.message import TradeMessage
 from domain.status import Outcome, RequestStatus
 from domain.trade import Trade
@@ -40,27 +41,8 @@ class TradeFilter:
     expired: bool | None = None
 
 
-class TradeStore(Protocol):
-    """Every stored version of every trade. Guards itself: never stores below its highest."""
-
-    def highest_versions(self, trade_ids: Collection[str]) -> dict[str, int]:
-        """The highest stored version of each of ``trade_ids`` that has any row."""
-        ...
-
-    def apply(self, trades: Sequence[Trade]) -> set[tuple[str, int]]:
-        """Upsert in one transaction; return the (trade_id, version) keys actually written.
-
-        A row below the stored highest version of its trade_id is skipped, not written.
-        """
-        ...
-
-    def record(self, decided: Sequence[Decided]) -> list[Outcome]:
-        """``record_decisions`` in one transaction: apply, log, one outcome per input."""
-        ...
-
-    def record_dead_letters(self, failed: Sequence[Outcome]) -> list[Outcome]:
-        """``record_dead_letters`` in one transaction: the outcomes statuses should take."""
-        ...
+class TradeReader(Protocol):
+    """The API's read side of the trade store."""
 
     def versions(self, trade_id: str, as_of: date) -> list[StoredTrade]:
         """Every stored version of one trade, ascending."""
@@ -72,20 +54,57 @@ class TradeStore(Protocol):
         """Up to ``limit`` rows after the keyset cursor, ordered by (trade_id bytes, version)."""
         ...
 
-    def expire(self, as_of: date) -> int:
-        """Flag rows whose maturity date is before ``as_of``; return how many changed."""
-        ...
-
     def ping(self) -> None:
         """Raise Unavailable unless the store answers."""
         ...
 
 
-class StatusStore(Protocol):
-    """Request statuses by request_id. One contract for every implementation (proven by
-    shared contract tests): a terminal state is never replaced by a different one; a
-    rewrite of a terminal state is identical to the byte (its timestamps come from the
-    decision log); a dead letter only moves a PENDING record to FAILED."""
+class DecisionLog(Protocol):
+    """The primitives of recording decisions, all inside one transaction of the trade
+    store: whatever the calls do commits together or not at all."""
+
+    def logged(self, request_ids: Sequence[str]) -> dict[str, Outcome]:
+        """The logged outcome of each of ``request_ids`` that has one."""
+        ...
+
+    def upsert(self, trades: Sequence[Trade]) -> set[tuple[str, int]]:
+        """Upsert rows; the keys written. The store guards itself (a trigger, whoever
+        writes): a row below the highest stored version of its trade_id is skipped."""
+        ...
+
+    def log(self, outcomes: Sequence[Outcome]) -> None:
+        """Log outcomes of requests that have none (``decided_at`` set)."""
+        ...
+
+
+class DecisionStore(Protocol):
+    """The processor's side of the trade store: heads to decide against, and one
+    transaction per batch to record what was decided."""
+
+    def highest_versions(self, trade_ids: Collection[str]) -> dict[str, int]:
+        """The highest stored version of each of ``trade_ids`` that has any row."""
+        ...
+
+    def transaction(self) -> AbstractContextManager[DecisionLog]:
+        """One transaction: committed when the block ends, rolled back if it raises;
+        an outage raises Unavailable."""
+        ...
+
+
+class TradeSweeps(Protocol):
+    """The processor's housekeeping of the trade store."""
+
+    def expire(self, as_of: date) -> int:
+        """Flag rows whose maturity date is before ``as_of``; return how many changed."""
+        ...
+
+    def delete_outcomes(self, decided_before: datetime) -> int:
+        """Forget decision-log rows decided before ``decided_before``; return how many."""
+        ...
+
+
+class PendingWriter(Protocol):
+    """The API's writes to the status store: a request is PENDING before it is queued."""
 
     async def put_pending(self, status: RequestStatus) -> None:
         """Durably record a new request as PENDING; called before its trade is queued."""
@@ -94,6 +113,13 @@ class StatusStore(Protocol):
     async def withdraw(self, request_id: str) -> None:
         """Delete a PENDING record whose trade could not be queued (never a terminal one)."""
         ...
+
+
+class OutcomeWriter(Protocol):
+    """The processor's writes to the status store. One contract for every implementation
+    (proven by shared contract tests): a terminal state is never replaced by a different
+    one; a rewrite of a terminal state is identical to the byte (its timestamps come from
+    the decision log); a dead letter only moves a PENDING record to FAILED."""
 
     def complete(self, outcomes: Sequence[Outcome]) -> None:
         """Write logged outcomes: created when absent, over PENDING, never over a terminal
@@ -105,9 +131,17 @@ class StatusStore(Protocol):
         trade_id and version; an absent or terminal record is left as it is."""
         ...
 
-    def get(self, request_id: str) -> RequestStatus | None: ...
 
-    def ping(self) -> None: ...
+class StatusReader(Protocol):
+    """Request statuses by request_id, as clients poll them."""
+
+    def get(self, request_id: str) -> RequestStatus | None:
+        """The status, or None when unknown or expired."""
+        ...
+
+    def ping(self) -> None:
+        """Raise Unavailable unless the store answers."""
+        ...
 
 
 class Intake(Protocol):
@@ -126,3 +160,11 @@ class TradeQueue(Protocol):
         ...
 
     def ping(self) -> None: ...
+
+
+class TradeStore(TradeReader, DecisionStore, Protocol):
+    """Transitional: both sides of the SQL trade store, until every caller names its own."""
+
+
+class StatusStore(PendingWriter, OutcomeWriter, StatusReader, Protocol):
+    """Transitional: every role of a status store, until every caller names its own."""

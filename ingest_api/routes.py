@@ -6,7 +6,6 @@ import asyncio
 import base64
 import binascii
 import json
-import uuid
 from typing import Annotated, Any
 
 import orjson
@@ -15,10 +14,11 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from config.clock import business_today, utc_now
-from domain.message import TradeMessage, valid_id, valid_version
+from domain.message import valid_id, valid_version
 from domain.ports import TradeFilter, Unavailable
-from domain.status import RequestState, RequestStatus
-from domain.trade import check_maturity
+from domain.status import RequestState
+from domain.trade import Rejected
+from domain.use_cases import accept, trade_page
 from ingest_api.deps import ServicesDep, SettingsDep
 from ingest_api.problems import MEDIA_TYPE, ProblemError
 from ingest_api.schemas import AcceptedOut, HealthOut, Problem, RequestOut, TradeIn, TradeOut
@@ -50,27 +50,11 @@ async def submit_trade(
 ) -> Response:
     """Accept a trade version; 202 once it is durably queued and its request is PENDING."""
     today = business_today(settings.business_timezone)
-    trade = body.to_domain(today)
-    rejected = check_maturity(trade, today)
-    if rejected is not None:
-        raise ProblemError(400, rejected.code.value, rejected.message, field="maturity_date")
-    now = utc_now()
-    message = TradeMessage(
-        request_id=str(uuid.uuid4()),
-        correlation_id=request.scope["state"]["correlation_id"],
-        accepted_on=today,
-        accepted_at=now,
-        trade=trade,
-    )
-    pending = RequestStatus(
-        request_id=message.request_id,
-        state=RequestState.PENDING,
-        trade_id=trade.trade_id,
-        version=trade.version,
-        created_at=now,
-        updated_at=now,
-    )
-    await services.intake.accept(pending, message)
+    correlation_id = request.scope["state"]["correlation_id"]
+    message = await accept(services.intake, body.to_domain(today), correlation_id, today, utc_now())
+    if isinstance(message, Rejected):
+        raise ProblemError(400, message.code.value, message.message, field="maturity_date")
+    trade = message.trade
     return _json(
         202,
         {
@@ -141,17 +125,16 @@ def list_trades(
     expired: bool | None = None,
 ) -> Response:
     """Stored trade versions ordered by (trade_id bytes, version); `Link: rel="next"` pages."""
-    rows = services.trades.page(
+    rows, following = trade_page(
+        services.trades,
         decode_cursor(after) if after else None,
-        limit + 1,
+        limit,
         TradeFilter(book_id=book_id, counterparty_id=counterparty_id, expired=expired),
         business_today(settings.business_timezone),
     )
     headers = {}
-    if len(rows) > limit:
-        rows = rows[:limit]
-        last = rows[-1].trade
-        url = request.url.include_query_params(after=encode_cursor(last.trade_id, last.version))
+    if following is not None:
+        url = request.url.include_query_params(after=encode_cursor(*following))
         headers["Link"] = f'<{url}>; rel="next"'
     return _json(200, [TradeOut.of(r).model_dump(mode="json") for r in rows], headers)
 

@@ -9,9 +9,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import structlog
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
+from config.clock import utc_now
 from domain.decided import Decided
-from domain.ports import StatusStore, TradeStore
+from domain.ports import DecisionStore, OutcomeWriter
 from domain.status import Outcome, RequestState
+from domain.use_cases import record_dead_letters, record_decisions
 from sinks.retry import until_available
 
 log = structlog.get_logger("sinks")
@@ -43,13 +45,15 @@ CHUNK = 1000
 
 
 class _TradePartition(StatelessSinkPartition[Decided]):
-    def __init__(self, trades: TradeStore, statuses: StatusStore) -> None:
+    def __init__(self, trades: DecisionStore, statuses: OutcomeWriter) -> None:
         self._trades = trades
         self._statuses = statuses
         self._status_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outcomes")
 
     def _record(self, chunk: list[Decided]) -> list[Outcome]:
-        return until_available(lambda: self._trades.record(chunk), "trade store")
+        return until_available(
+            lambda: record_decisions(self._trades, chunk, utc_now()), "trade store"
+        )
 
     def _complete(self, chunk: list[Decided], outcomes: list[Outcome]) -> None:
         until_available(lambda: self._statuses.complete(outcomes), "status store")
@@ -85,7 +89,7 @@ class TradeSink(DynamicSink[Decided]):
     """
 
     def __init__(
-        self, trades: Callable[[], TradeStore], statuses: Callable[[], StatusStore]
+        self, trades: Callable[[], DecisionStore], statuses: Callable[[], OutcomeWriter]
     ) -> None:
         self._trades = trades
         self._statuses = statuses
@@ -95,13 +99,14 @@ class TradeSink(DynamicSink[Decided]):
 
 
 class _DeadLetterStatusPartition(StatelessSinkPartition[Outcome]):
-    def __init__(self, trades: TradeStore, statuses: StatusStore) -> None:
+    def __init__(self, trades: DecisionStore, statuses: OutcomeWriter) -> None:
         self._trades = trades
         self._statuses = statuses
 
     def write_batch(self, items: list[Outcome]) -> None:
         logged = until_available(
-            lambda: self._trades.record_dead_letters(items), "trade store (decision log)"
+            lambda: record_dead_letters(self._trades, items, utc_now()),
+            "trade store (decision log)",
         )
         until_available(lambda: self._statuses.fail_pending(logged), "status store")
 
@@ -112,7 +117,7 @@ class DeadLetterStatusSink(DynamicSink[Outcome]):
     At-least-once; idempotent (the log returns the same outcome on every replay)."""
 
     def __init__(
-        self, trades: Callable[[], TradeStore], statuses: Callable[[], StatusStore]
+        self, trades: Callable[[], DecisionStore], statuses: Callable[[], OutcomeWriter]
     ) -> None:
         self._trades = trades
         self._statuses = statuses

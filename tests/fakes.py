@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
-from domain.decided import Decided, record_dead_letters, record_decisions
 from domain.message import TradeMessage
 from domain.ports import StoredTrade, TradeFilter, Unavailable
 from domain.status import Outcome, RequestState, RequestStatus
@@ -19,7 +19,7 @@ def now() -> datetime:
 
 
 class FakeTradeStore:
-    """Same contract as the PostgreSQL store, including the version guard."""
+    """The SQL trade store's primitives in memory, including the version guard."""
 
     def __init__(self) -> None:
         self.rows: dict[tuple[str, int], StoredTrade] = {}
@@ -42,39 +42,18 @@ class FakeTradeStore:
                     heads[tid] = max(version, heads.get(tid, 0))
             return heads
 
-    def apply(self, trades: Sequence[Trade]) -> set[tuple[str, int]]:
+    @contextmanager
+    def transaction(self) -> Iterator[FakeDecisionLog]:
+        """The DecisionLog primitives, so the use cases run their real algorithm here;
+        all or nothing, like a database transaction."""
         self._check()
-        written = set()
         with self._lock:
-            for t in sorted(trades, key=lambda t: (t.trade_id, t.version)):
-                head = max((v for tid, v in self.rows if tid == t.trade_id), default=0)
-                if t.version < head:
-                    continue
-                key = (t.trade_id, t.version)
-                old = self.rows.get(key)
-                stamp = now()
-                self.rows[key] = StoredTrade(t, False, old.created_at if old else stamp, stamp)
-                written.add(key)
-        return written
-
-    # The DecisionLog primitives, so record() runs the real algorithm (domain.decided).
-    def logged(self, request_ids: Sequence[str]) -> dict[str, Outcome]:
-        return {rid: self.log[rid] for rid in request_ids if rid in self.log}
-
-    def upsert(self, trades: Sequence[Trade]) -> set[tuple[str, int]]:
-        return self.apply(trades)
-
-    def log_outcomes(self, outcomes: Sequence[Outcome]) -> None:
-        for o in outcomes:
-            self.log.setdefault(o.request_id, o)
-
-    def record(self, decided: Sequence[Decided]) -> list[Outcome]:
-        self._check()
-        return record_decisions(_FakeLog(self), decided, now())
-
-    def record_dead_letters(self, failed: Sequence[Outcome]) -> list[Outcome]:
-        self._check()
-        return record_dead_letters(_FakeLog(self), failed, now())
+            rows, log = dict(self.rows), dict(self.log)
+            try:
+                yield FakeDecisionLog(self)
+            except BaseException:
+                self.rows, self.log = rows, log
+                raise
 
     def _view(self, row: StoredTrade, as_of: date) -> StoredTrade:
         return replace(row, expired=row.expired or maturity_passed(row.trade.maturity_date, as_of))
@@ -116,13 +95,33 @@ class FakeTradeStore:
         self._check()
 
 
-class _FakeLog:
-    """The fake store as a DecisionLog (``log`` is taken by the fake's own dict)."""
+class FakeDecisionLog:
+    """The fake store's rows and log seen as one transaction's DecisionLog."""
 
     def __init__(self, store: FakeTradeStore) -> None:
-        self.logged = store.logged
-        self.upsert = store.upsert
-        self.log = store.log_outcomes
+        self._store = store
+
+    def logged(self, request_ids: Sequence[str]) -> dict[str, Outcome]:
+        return {rid: self._store.log[rid] for rid in request_ids if rid in self._store.log}
+
+    def upsert(self, trades: Sequence[Trade]) -> set[tuple[str, int]]:
+        """Like the trigger (the store's guard): a row below its trade's head is skipped."""
+        rows = self._store.rows
+        written = set()
+        for t in sorted(trades, key=lambda t: (t.trade_id, t.version)):
+            head = max((v for tid, v in rows if tid == t.trade_id), default=0)
+            if t.version < head:
+                continue
+            key = (t.trade_id, t.version)
+            old = rows.get(key)
+            stamp = now()
+            rows[key] = StoredTrade(t, False, old.created_at if old else stamp, stamp)
+            written.add(key)
+        return written
+
+    def log(self, outcomes: Sequence[Outcome]) -> None:
+        for o in outcomes:
+            self._store.log.setdefault(o.request_id, o)
 
 
 class FakeStatusStore:

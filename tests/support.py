@@ -1,4 +1,4 @@
-"""Helpers for tests that run our commands as real processes."""
+"""Helpers for tests: running our commands as real processes, seeding a trade store."""
 
 from __future__ import annotations
 
@@ -7,9 +7,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
+
+from domain.decided import Decided
+from domain.ports import DecisionStore
+from domain.status import Outcome
+from domain.trade import Trade
+from domain.use_cases import record_dead_letters, record_decisions
 
 T = TypeVar("T")
 LOGS = Path(__file__).parent.parent / ".services" / "test-logs"
@@ -53,3 +60,20 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: floa
             proc.kill()
             proc.wait(5)
     return proc.returncode
+
+
+def upsert(store: DecisionStore, trades: Sequence[Trade]) -> set[tuple[str, int]]:
+    """Rows written straight into a trade store, in one transaction of its own (seeding a
+    test, or a client other than the processor); the keys written."""
+    with store.transaction() as log:
+        return log.upsert(trades)
+
+
+def record(store: DecisionStore, decided: Sequence[Decided]) -> list[Outcome]:
+    """The processor's use case, stamped now."""
+    return record_decisions(store, decided, datetime.now(UTC))
+
+
+def record_failed(store: DecisionStore, failed: Sequence[Outcome]) -> list[Outcome]:
+    """The processor's use case for dead letters, stamped now."""
+    return record_dead_letters(store, failed, datetime.now(UTC))

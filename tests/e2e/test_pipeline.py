@@ -22,7 +22,7 @@ from config.clock import business_today
 from config.settings import Settings
 from domain.trade import Trade
 from tests.conftest import settings_env, unique
-from tests.support import free_port, start, stop, wait_for
+from tests.support import free_port, start, stop, upsert, wait_for
 
 TODAY = business_today("UTC")
 
@@ -143,7 +143,9 @@ def test_matured_trade_is_marked_expired(stack: Stack) -> None:
     """T3 of the table: a stored trade whose maturity has passed shows expired=Y."""
     tid = unique("T3")
     store = wiring.trade_store(stack.settings)
-    store.apply([Trade(tid, 3, "CP-3", "B2", TODAY - timedelta(days=1), TODAY - timedelta(days=9))])
+    upsert(
+        store, [Trade(tid, 3, "CP-3", "B2", TODAY - timedelta(days=1), TODAY - timedelta(days=9))]
+    )
     assert stack.client.get(f"/api/v1/trades/{tid}").json()[0]["expired"] is True
     out = subprocess.run(
         [sys.executable, "-m", "cli.main", "expire"],

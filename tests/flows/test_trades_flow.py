@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,9 +14,12 @@ from bytewax.testing import TestingSource, run_main
 
 from dataflows.trades import KEY_SLOTS, WithHead, decide_in_order
 from domain.message import decode
+from domain.ports import Unavailable
 from domain.status import RequestState, RequestStatus
 from domain.trade import ReasonCode, Trade
+from tests.fakes import FakeDecisionLog
 from tests.flows.conftest import TODAY, Pipeline, Record, Runner, record
+from tests.support import upsert
 
 
 def states(p: Pipeline) -> dict[str, tuple[str, str | None]]:
@@ -71,7 +75,7 @@ def test_per_trade_order_across_batches_and_workers(pipeline: Pipeline, runner: 
 
 def test_unseen_trade_ids_are_decided_against_the_store(pipeline: Pipeline, runner: Runner) -> None:
     """Lost recovery state: the store is the truth for a trade_id the flow has not seen."""
-    pipeline.trades.apply([Trade("T1", 3, "CP", "B", TODAY, TODAY)])
+    upsert(pipeline.trades, [Trade("T1", 3, "CP", "B", TODAY, TODAY)])
     looked_up: list[list[str]] = []
     original = pipeline.trades.highest_versions
 
@@ -92,15 +96,17 @@ def test_unseen_trade_ids_are_decided_against_the_store(pipeline: Pipeline, runn
     assert looked_up == [["T1", "T9"]]
 
 
-def test_store_guard_overrides_a_diverged_decision(pipeline: Pipeline, runner: Runner) -> None:
+def test_store_guard_overrides_a_diverged_decision(
+    pipeline: Pipeline, runner: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """If the store gained a higher version behind the flow's back, the request is FAILED."""
-    original_apply = pipeline.trades.apply
+    original_upsert = FakeDecisionLog.upsert
 
-    def sneaky_apply(trades: list[Trade]) -> set[tuple[str, int]]:
-        original_apply([Trade("T1", 9, "CP", "B", TODAY, TODAY)])
-        return original_apply(trades)
+    def sneaky_upsert(log: FakeDecisionLog, trades: Sequence[Trade]) -> set[tuple[str, int]]:
+        original_upsert(log, [Trade("T1", 9, "CP", "B", TODAY, TODAY)])
+        return original_upsert(log, trades)
 
-    pipeline.trades.apply = sneaky_apply  # type: ignore[method-assign]
+    monkeypatch.setattr(FakeDecisionLog, "upsert", sneaky_upsert)
     runner(pipeline.flow([record("r1", "T1", 1)]))
     assert states(pipeline) == {"r1": ("FAILED", "STALE_VERSION")}
 
@@ -165,19 +171,15 @@ def test_dead_letter_naming_a_decided_request_changes_nothing(
 def test_outage_is_retried_not_dropped(pipeline: Pipeline) -> None:
     """A store that fails twice then recovers: the flow waits, then writes everything."""
     failures = {"left": 2}
-    original = pipeline.trades.apply
+    original = pipeline.trades.transaction
 
-    def flaky(trades: list[Trade]) -> set[tuple[str, int]]:
+    def flaky() -> AbstractContextManager[FakeDecisionLog]:
         if failures["left"]:
             failures["left"] -= 1
-            pipeline.trades.down = True
-            try:
-                return original(trades)
-            finally:
-                pipeline.trades.down = False
-        return original(trades)
+            raise Unavailable("fake trade store is down")
+        return original()
 
-    pipeline.trades.apply = flaky  # type: ignore[method-assign]
+    pipeline.trades.transaction = flaky  # type: ignore[method-assign]
     run_main(pipeline.flow([record("r1", "T1", 1), record("r2", "T1", 2)]))
     assert failures["left"] == 0
     assert states(pipeline) == {"r1": ("SUCCESS", None), "r2": ("SUCCESS", None)}

@@ -17,17 +17,19 @@ from config.clock import business_today
 from config.settings import Settings
 from domain.decided import Decided
 from domain.message import TradeMessage
-from domain.ports import TradeStore
 from domain.status import Outcome, RequestState
 from domain.trade import Accepted, ReasonCode, Rejected, Trade
 from tests.conftest import settings_env, unique
 from tests.fakes import FakeTradeStore
+from tests.support import record, record_failed
 
 TODAY = business_today("UTC")
 
 
 @pytest.fixture(scope="module", params=["postgres", "sqlite", "fake"])
-def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TradeStore:
+def store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> SqlTradeStore | FakeTradeStore:
     if request.param == "fake":
         return FakeTradeStore()
     if request.param == "postgres":
@@ -51,39 +53,45 @@ def dead_letter(rid: str) -> Outcome:
     return Outcome(rid, "k", 0, RequestState.FAILED, ReasonCode.INVALID_MESSAGE, "not JSON")
 
 
-def test_outcomes_are_stamped_once_and_replays_return_them_unchanged(store: TradeStore) -> None:
+def test_outcomes_are_stamped_once_and_replays_return_them_unchanged(
+    store: SqlTradeStore | FakeTradeStore,
+) -> None:
     tid = unique("T")
     batch = [decided(tid, 1), decided(tid, 2), decided(tid, 1, ok=False)]
-    first = store.record(batch)
+    first = record(store, batch)
     assert [o.state for o in first] == [RequestState.SUCCESS] * 2 + [RequestState.FAILED]
     assert all(o.decided_at is not None and o.decided_at.tzinfo is not None for o in first)
     rows = store.versions(tid, TODAY)
     # A replay, even mixed with new work, is neither applied nor decided again.
-    again = store.record([*batch, decided(tid, 3)])
+    again = record(store, [*batch, decided(tid, 3)])
     assert again[:3] == first
     assert [r.trade.version for r in store.versions(tid, TODAY)] == [1, 2, 3]
     assert store.versions(tid, TODAY)[:2] == rows
 
 
-def test_a_request_twice_in_one_batch_is_decided_once(store: TradeStore) -> None:
+def test_a_request_twice_in_one_batch_is_decided_once(
+    store: SqlTradeStore | FakeTradeStore,
+) -> None:
     tid, rid = unique("T"), unique("r")
-    outcomes = store.record([decided(tid, 2, rid), decided(tid, 2, rid)])
+    outcomes = record(store, [decided(tid, 2, rid), decided(tid, 2, rid)])
     assert outcomes[0] == outcomes[1]
     assert outcomes[0].state is RequestState.SUCCESS
 
 
-def test_dead_letters_are_logged_like_decisions(store: TradeStore) -> None:
+def test_dead_letters_are_logged_like_decisions(store: SqlTradeStore | FakeTradeStore) -> None:
     fresh = unique("r")
-    [logged] = store.record_dead_letters([dead_letter(fresh), dead_letter(fresh)])
+    [logged] = record_failed(store, [dead_letter(fresh), dead_letter(fresh)])
     assert (logged.request_id, logged.reason_code) == (fresh, ReasonCode.INVALID_MESSAGE)
     assert logged.decided_at is not None
-    assert store.record_dead_letters([dead_letter(fresh)]) == [logged]  # a replay
+    assert record_failed(store, [dead_letter(fresh)]) == [logged]  # a replay
     # The request's own message, arriving after its dead letter, is not decided again.
-    assert store.record([decided(unique("T"), 1, fresh)]) == [logged]
+    assert record(store, [decided(unique("T"), 1, fresh)]) == [logged]
 
 
-def test_a_dead_letter_cannot_change_a_decided_request(store: TradeStore) -> None:
+def test_a_dead_letter_cannot_change_a_decided_request(
+    store: SqlTradeStore | FakeTradeStore,
+) -> None:
     tid = unique("T")
-    [success] = store.record([decided(tid, 1)])
-    assert store.record_dead_letters([dead_letter(success.request_id)]) == []
-    assert store.record([decided(tid, 1, success.request_id)]) == [success]
+    [success] = record(store, [decided(tid, 1)])
+    assert record_failed(store, [dead_letter(success.request_id)]) == []
+    assert record(store, [decided(tid, 1, success.request_id)]) == [success]

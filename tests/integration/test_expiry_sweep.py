@@ -15,6 +15,7 @@ from cli.processor import ExpirySweeper
 from config.settings import Settings
 from domain.ports import Unavailable
 from domain.trade import Trade
+from tests.support import upsert
 
 DAY = date(2026, 11, 28)
 NEXT_DAY = DAY + timedelta(days=1)
@@ -27,11 +28,12 @@ def store(tmp_path: Path) -> SqlTradeStore:
     settings = Settings(profile="embedded", data_dir=tmp_path)
     migrate(settings)
     store = wiring.trade_store(settings)
-    store.apply(
+    upsert(
+        store,
         [
             Trade("matured", 1, "CP", "B", DAY - timedelta(days=1), LONG_AGO),
             Trade("due-today", 1, "CP", "B", DAY, LONG_AGO),
-        ]
+        ],
     )
     return store
 

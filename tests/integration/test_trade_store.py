@@ -23,7 +23,7 @@ from domain.ports import TradeFilter, Unavailable
 from domain.status import RequestState
 from domain.trade import Accepted, Trade
 from tests.conftest import settings_env, unique
-from tests.support import wait_for
+from tests.support import record, upsert, wait_for
 
 TODAY = business_today("UTC")
 RAW_INSERT = text(
@@ -63,9 +63,9 @@ def trade(tid: str, version: int, cp: str = "CP-1", book: str = "B1", days: int 
 
 def test_upsert_versions_and_replace(trade_store: SqlTradeStore) -> None:
     tid = unique("T")
-    assert trade_store.apply([trade(tid, 1), trade(tid, 2)]) == {(tid, 1), (tid, 2)}
+    assert upsert(trade_store, [trade(tid, 1), trade(tid, 2)]) == {(tid, 1), (tid, 2)}
     first = trade_store.versions(tid, TODAY)
-    assert trade_store.apply([trade(tid, 2, cp="CP-9")]) == {(tid, 2)}
+    assert upsert(trade_store, [trade(tid, 2, cp="CP-9")]) == {(tid, 2)}
     rows = trade_store.versions(tid, TODAY)
     assert [(r.trade.version, r.trade.counterparty_id) for r in rows] == [(1, "CP-1"), (2, "CP-9")]
     assert rows[1].created_at == first[1].created_at
@@ -75,7 +75,7 @@ def test_upsert_versions_and_replace(trade_store: SqlTradeStore) -> None:
 
 def test_same_key_twice_in_one_batch_keeps_the_last(trade_store: SqlTradeStore) -> None:
     tid = unique("T")
-    assert trade_store.apply([trade(tid, 1, cp="A"), trade(tid, 1, cp="B")]) == {(tid, 1)}
+    assert upsert(trade_store, [trade(tid, 1, cp="A"), trade(tid, 1, cp="B")]) == {(tid, 1)}
     assert trade_store.versions(tid, TODAY)[0].trade.counterparty_id == "B"
 
 
@@ -89,7 +89,7 @@ def test_a_batch_is_applied_as_if_one_by_one_in_queue_order(trade_store: SqlTrad
         message = TradeMessage(unique("r"), "c", TODAY, datetime.now(UTC), trade(tid, version))
         return Decided(message, Accepted(replaces=False))
 
-    outcomes = trade_store.record([accepted(3), accepted(2), accepted(3), accepted(4)])
+    outcomes = record(trade_store, [accepted(3), accepted(2), accepted(3), accepted(4)])
     assert [(o.state, o.reason_code) for o in outcomes] == [
         (RequestState.SUCCESS, None),
         (RequestState.FAILED, "STALE_VERSION"),
@@ -101,8 +101,8 @@ def test_a_batch_is_applied_as_if_one_by_one_in_queue_order(trade_store: SqlTrad
 
 def test_guard_refuses_lower_versions(trade_store: SqlTradeStore) -> None:
     tid = unique("T")
-    trade_store.apply([trade(tid, 3)])
-    assert trade_store.apply([trade(tid, 2)]) == set()
+    upsert(trade_store, [trade(tid, 3)])
+    assert upsert(trade_store, [trade(tid, 2)]) == set()
     assert [r.trade.version for r in trade_store.versions(tid, TODAY)] == [3]
 
 
@@ -133,7 +133,7 @@ def test_concurrent_writers_cannot_store_below_the_head(migrated: Settings) -> N
         holding = holder.begin()
         holder.execute(RAW_INSERT, {"t": tid, "v": 5})
         holder_pid = holder.execute(text("SELECT pg_backend_pid()")).scalar_one()
-        writer = threading.Thread(target=lambda: written.append(store.apply([trade(tid, 4)])))
+        writer = threading.Thread(target=lambda: written.append(upsert(store, [trade(tid, 4)])))
         writer.start()
 
         def waiting() -> list[Any]:
@@ -144,7 +144,7 @@ def test_concurrent_writers_cannot_store_below_the_head(migrated: Settings) -> N
         blocked = wait_for(waiting, 10, "the v4 writer to wait for the v5 holder")
         assert len(blocked) == 1, blocked
         other = unique("T")
-        elsewhere = threading.Thread(target=lambda: store.apply([trade(other, 1)]))
+        elsewhere = threading.Thread(target=lambda: upsert(store, [trade(other, 1)]))
         elsewhere.start()
         elsewhere.join(10)
         assert not elsewhere.is_alive(), "a writer of another trade_id waited too"
@@ -160,7 +160,7 @@ def test_concurrent_writers_cannot_store_below_the_head(migrated: Settings) -> N
 def test_page_is_byte_ordered_and_keyset(trade_store: SqlTradeStore) -> None:
     book = unique("book")
     ids = ["b", "a", "B", "é", "Z", "aa"]
-    trade_store.apply([trade(f"{book}-{i}", 1, book=book) for i in ids])
+    upsert(trade_store, [trade(f"{book}-{i}", 1, book=book) for i in ids])
     where = TradeFilter(book_id=book)
     seen: list[str] = []
     after = None
@@ -176,7 +176,7 @@ def test_page_is_byte_ordered_and_keyset(trade_store: SqlTradeStore) -> None:
 def test_filters_and_expiry(trade_store: SqlTradeStore) -> None:
     book, cp = unique("book"), unique("cp")
     live, old = unique("T"), unique("T")
-    trade_store.apply([trade(live, 1, cp=cp, book=book), trade(old, 1, book=book, days=-2)])
+    upsert(trade_store, [trade(live, 1, cp=cp, book=book), trade(old, 1, book=book, days=-2)])
     rows = {
         r.trade.trade_id: r for r in trade_store.page(None, 10, TradeFilter(book_id=book), TODAY)
     }
@@ -203,7 +203,7 @@ def test_expiry_sweeps_in_chunks_until_nothing_is_due(trade_store: SqlTradeStore
     """Each chunk is its own statement (none may outlive the statement timeout), and the
     sweep goes on until a chunk comes back short."""
     tid = unique("T")
-    trade_store.apply([trade(tid, v, days=-5) for v in range(1, 8)])
+    upsert(trade_store, [trade(tid, v, days=-5) for v in range(1, 8)])
     trade_store.expire(TODAY - timedelta(days=30))  # nothing due yet on that date
     assert trade_store.expire(TODAY, chunk=3) >= 7
     assert all(r.expired for r in trade_store.versions(tid, TODAY - timedelta(days=30)))

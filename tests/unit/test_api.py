@@ -24,6 +24,7 @@ from domain.trade import ReasonCode, Trade
 from ingest_api.app import create_app
 from ingest_api.problems import dependency_of
 from tests.fakes import FakeQueue, FakeStatusStore, FakeTradeStore
+from tests.support import upsert
 
 TODAY = business_today("UTC")
 
@@ -232,8 +233,9 @@ def test_terminal_status_shows_reason(api: Api) -> None:
 def store(
     api: Api, trade_id: str, version: int, book: str = "B1", maturity: date | None = None
 ) -> None:
-    api.trades.apply(
-        [Trade(trade_id, version, "CP-1", book, maturity or TODAY + timedelta(days=1), TODAY)]
+    upsert(
+        api.trades,
+        [Trade(trade_id, version, "CP-1", book, maturity or TODAY + timedelta(days=1), TODAY)],
     )
 
 

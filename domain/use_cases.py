@@ -1,0 +1,127 @@
+"""The use cases, each a plain function over the ports it needs: accept a submission (the
+API), record decisions and dead letters (the processor's sinks), page through trades (the
+API's reads). The adapters only carry them out; the HTTP and Bytewax layers only call them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import date, datetime
+
+from domain.decided import Decided, decide_in_order, outcome_of
+from domain.message import TradeMessage
+from domain.ports import DecisionLog, DecisionStore, Intake, StoredTrade, TradeFilter, TradeReader
+from domain.status import Outcome, RequestState, RequestStatus
+from domain.trade import ReasonCode, Rejected, Trade, check_maturity
+
+
+async def accept(
+    intake: Intake, trade: Trade, correlation_id: str, today: date, now: datetime
+) -> TradeMessage | Rejected:
+    """Take in one submission: refused at once if it matured before ``today`` (the business
+    date), else given a request id and, once its PENDING record and its queued message are
+    durable, returned."""
+    rejected = check_maturity(trade, today)
+    if rejected is not None:
+        return rejected
+    message = TradeMessage(
+        request_id=str(uuid.uuid4()),
+        correlation_id=correlation_id,
+        accepted_on=today,
+        accepted_at=now,
+        trade=trade,
+    )
+    pending = RequestStatus(
+        request_id=message.request_id,
+        state=RequestState.PENDING,
+        trade_id=trade.trade_id,
+        version=trade.version,
+        created_at=now,
+        updated_at=now,
+    )
+    await intake.accept(pending, message)
+    return message
+
+
+def record_decisions(
+    store: DecisionStore, decided: Sequence[Decided], now: datetime
+) -> list[Outcome]:
+    """Apply and log a batch of decisions in one transaction; one outcome per input, in order.
+
+    A request already in the log keeps its logged outcome and is not applied again, so a
+    replay after a crash changes nothing: neither the store nor, since the outcome and its
+    ``decided_at`` come back from the log, any status written from it.
+    """
+    if not decided:
+        return []
+    ids = [d.message.request_id for d in decided]
+    with store.transaction() as log:
+        logged = log.logged(ids)
+        fresh: dict[str, Decided] = {}
+        for d in decided:
+            if d.message.request_id not in logged:
+                fresh.setdefault(d.message.request_id, d)
+        outcomes = _apply_in_queue_order(log, list(fresh.values()), now)
+        if outcomes:
+            log.log(outcomes)
+    by_id = logged | {o.request_id: o for o in outcomes}
+    return [by_id[rid] for rid in ids]
+
+
+def _apply_in_queue_order(log: DecisionLog, decided: list[Decided], now: datetime) -> list[Outcome]:
+    """Upsert a batch's accepted trades and tell each request's outcome, as applying them
+    one by one in queue order would: the accepted ones are decided again among themselves
+    (a version below one accepted earlier in the batch was decided before that one reached
+    the store, so it ends stale), and the store's guard refuses any below its head."""
+    again = decide_in_order((d.message, None) for d in decided if d.accepted)
+    redecided = {d.message.request_id: d for d in again}
+    final = [redecided.get(d.message.request_id, d) for d in decided]
+    stored = log.upsert([d.message.trade for d in final if d.accepted])
+    return [
+        replace(
+            outcome_of(d, (d.message.trade.trade_id, d.message.trade.version) in stored),
+            decided_at=now,
+        )
+        for d in final
+    ]
+
+
+def record_dead_letters(
+    store: DecisionStore, failed: Sequence[Outcome], now: datetime
+) -> list[Outcome]:
+    """Log the FAILED outcomes of dead letters whose request is not decided yet; return
+    those the status store should take (first logged now, or on a replay, before).
+
+    A dead letter naming a request that was decided otherwise (a forged or reused
+    request_id) changes nothing: that request keeps its logged outcome and status.
+    """
+    if not failed:
+        return []
+    with store.transaction() as log:
+        logged = log.logged([o.request_id for o in failed])
+        fresh: dict[str, Outcome] = {}
+        for o in failed:
+            if o.request_id not in logged:
+                fresh.setdefault(o.request_id, replace(o, decided_at=now))
+        if fresh:
+            log.log(list(fresh.values()))
+    ours = {rid: o for rid, o in logged.items() if o.reason_code is ReasonCode.INVALID_MESSAGE}
+    return list((ours | fresh).values())
+
+
+def trade_page(
+    reader: TradeReader,
+    after: tuple[str, int] | None,
+    limit: int,
+    where: TradeFilter,
+    as_of: date,
+) -> tuple[list[StoredTrade], tuple[str, int] | None]:
+    """Up to ``limit`` rows after the keyset cursor, and the cursor of the next page if
+    there is one (one row more is read to know)."""
+    rows = reader.page(after, limit + 1, where, as_of)
+    if len(rows) <= limit:
+        return rows, None
+    last = rows[limit - 1].trade
+    return rows[:limit], (last.trade_id, last.version)
