@@ -1,4 +1,4 @@
-"""The synthesised CloudFormation template holds what ARCHITECTURE.md's services profile needs."""
+"""The synthesised CloudFormation template holds what the services profile needs (README)."""
 
 from __future__ import annotations
 

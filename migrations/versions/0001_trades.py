@@ -13,9 +13,10 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
-# Invariant 7: whatever the client, a version below the highest stored for its trade_id is
-# skipped (the row is not written), and a row's key never changes. The advisory lock
-# serialises concurrent writers of one trade_id so the check cannot race.
+# The store guards itself (README, Guarantees): whatever the client, a version below the
+# highest stored for its trade_id is skipped (the row is not written), and a row's key never
+# changes. The advisory lock serialises concurrent writers of one trade_id so the check
+# cannot race.
 PG_GUARD = """
 CREATE FUNCTION trades_guard_version() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

@@ -107,7 +107,7 @@ def test_guard_refuses_lower_versions(trade_store: SqlTradeStore) -> None:
 
 
 def test_guard_holds_for_any_client(store_url: str) -> None:
-    """Invariant 7 lives in the database: raw SQL can neither insert below nor re-key a row."""
+    """The store guards itself: raw SQL can neither insert below the head nor re-key a row."""
     engine = make_engine(store_url)
     tid = unique("T")
     with engine.begin() as conn:
