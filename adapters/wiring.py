@@ -10,22 +10,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
 from adapters.dynamodb import DynamoStatusStore, make_client
-from adapters.intake import PendingThenQueue
+from adapters.inbound_log import PartitionCountMismatch, SqliteInboundLog
+from adapters.intake import PendingThenQueue, SqliteIntake
 from adapters.kafka import INBOUND_TOPIC_CONFIG, KafkaTradeQueue, ensure_topics
 from adapters.sql import SqlTradeStore, make_engine
-from adapters.sqlite import (
-    PartitionCountMismatch,
-    SqliteInboundLog,
-    SqliteIntake,
-    SqliteStatusStore,
-    SqliteTradeQueue,
-)
+from adapters.sqlite_status import SqliteStatusStore
 from config.settings import Settings
-from domain.ports import Intake, StatusStore, TradeQueue, TradeStore
+from domain.ports import Intake, TradeStore
+from domain.status import RequestStatus
 
 log = structlog.get_logger("adapters")
 
@@ -57,9 +54,8 @@ def inbound_log(settings: Settings) -> SqliteInboundLog:
     return SqliteInboundLog(inbound_log_path(settings), settings.inbound_partitions)
 
 
-def trade_queue(settings: Settings) -> SqliteTradeQueue | KafkaTradeQueue:
-    if settings.embedded:
-        return SqliteTradeQueue(inbound_log(settings))
+def trade_queue(settings: Settings) -> KafkaTradeQueue:
+    """The services profile's queue (embedded, the API appends through ``SqliteIntake``)."""
     return KafkaTradeQueue(
         settings.kafka_bootstrap_servers,
         settings.inbound_topic,
@@ -102,19 +98,33 @@ def prepare_status_store(settings: Settings) -> str:
     if isinstance(store, SqliteStatusStore):
         store.ensure_schema()
         store.adopt(settings.data_dir / "status.db")
-        store.close()
         return str(store.path)
     store.ensure_table()
     return settings.status_table
 
 
+class Reachable(Protocol):
+    """What the API's health check asks of a dependency."""
+
+    def ping(self) -> None: ...
+
+
+class StatusReader(Protocol):
+    """What the API's routes ask of the status store (writes go through the intake)."""
+
+    def get(self, request_id: str) -> RequestStatus | None: ...
+
+    def ping(self) -> None: ...
+
+
 @dataclass
 class Services:
-    """The adapters the API holds for its lifetime."""
+    """The adapters the API holds for its lifetime; ``queue`` is there for health only
+    (the Kafka producer, or the embedded inbound log)."""
 
     trades: TradeStore
-    statuses: StatusStore
-    queue: TradeQueue
+    statuses: StatusReader
+    queue: Reachable
     intake: Intake
     closers: list[Callable[[], None]] = field(default_factory=list)
 
@@ -134,10 +144,8 @@ def api_services(settings: Settings) -> Services:
     statuses = status_store(settings)
     if isinstance(statuses, SqliteStatusStore):
         inbound = inbound_log(settings)
-        embedded = SqliteTradeQueue(inbound)
         intake = SqliteIntake(inbound, statuses)
-        closers = [intake.close, embedded.close, statuses.close]
-        return Services(trade_store(settings), statuses, embedded, intake, closers)
+        return Services(trade_store(settings), statuses, inbound, intake, [intake.close])
     queue = trade_queue(settings)
     return Services(
         trade_store(settings),

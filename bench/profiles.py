@@ -566,7 +566,7 @@ class EmbeddedStage(Stage):
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def preload(self, messages: Sequence[Any], progress: Callable[[int], None]) -> None:
-        """The inbound log's own bulk append (adapters.sqlite.SqliteInboundLog.append_many)."""
+        """The inbound log's own bulk append (adapters.inbound_log.SqliteInboundLog.append_many)."""
         from adapters import wiring
 
         inbound = wiring.inbound_log(self.settings())
@@ -574,7 +574,6 @@ class EmbeddedStage(Stage):
         for chunk in _chunks(messages, 20000):
             done += inbound.append_many(chunk)
             progress(done)
-        inbound.close()
 
     def statuses(self, request_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
         conn = sqlite_connect(self.data / "inbound.db")
@@ -601,7 +600,7 @@ class EmbeddedStage(Stage):
         from config.clock import utc_now
 
         trades_db = sqlite_connect(self.data / "trades.db")
-        from adapters.sqlite import COMPLETE  # the sink's own statement: a like-for-like ceiling
+        from adapters.sqlite_status import COMPLETE  # the sink's own statement
 
         status_db = sqlite_connect(self.data / "inbound.db")
         trade_time = 0.0

@@ -26,12 +26,12 @@ from domain.message import (
     decode,
     valid_id,
 )
-from domain.ports import StatusStore, TradeStore
+from domain.ports import TradeStore
 from domain.status import Outcome, RequestState
 from domain.trade import ReasonCode, decide, next_highest
 from sinks.dead_letter import DeadLetter
 from sinks.retry import until_available
-from sinks.stores import DeadLetterStatusSink, TradeSink
+from sinks.stores import DeadLetterStatusSink, OutcomeWriter, TradeSink
 from sources import RawRecord
 
 log = structlog.get_logger("dataflows.trades")
@@ -180,7 +180,7 @@ class DecideInOrder(StatefulBatchLogic[WithHead, Decided, None]):
 def build_flow(
     inbound: Callable[[Dataflow], Stream[RawRecord]],
     trades: Callable[[], TradeStore],
-    statuses: Callable[[], StatusStore],
+    statuses: Callable[[], OutcomeWriter],
     dead_letters: Sink[DeadLetter],
 ) -> Dataflow:
     """Wire the trade dataflow from a source and per-worker store factories."""

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
 
 import structlog
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from domain.decided import Decided
-from domain.ports import StatusStore, TradeStore
+from domain.ports import TradeStore
 from domain.status import Outcome, RequestState
 from sinks.retry import until_available
 
 log = structlog.get_logger("sinks")
+
+
+class OutcomeWriter(Protocol):
+    """The part of a status store the sinks use: outcome writes (PENDING is the API's)."""
+
+    def complete(self, outcomes: Sequence[Outcome]) -> None: ...
+
+    def fail_pending(self, outcomes: Sequence[Outcome]) -> None: ...
 
 
 def log_outcomes(outcomes: list[Outcome], correlation: dict[str, str]) -> None:
@@ -43,7 +52,7 @@ CHUNK = 1000
 
 
 class _TradePartition(StatelessSinkPartition[Decided]):
-    def __init__(self, trades: TradeStore, statuses: StatusStore) -> None:
+    def __init__(self, trades: TradeStore, statuses: OutcomeWriter) -> None:
         self._trades = trades
         self._statuses = statuses
         self._status_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outcomes")
@@ -85,7 +94,7 @@ class TradeSink(DynamicSink[Decided]):
     """
 
     def __init__(
-        self, trades: Callable[[], TradeStore], statuses: Callable[[], StatusStore]
+        self, trades: Callable[[], TradeStore], statuses: Callable[[], OutcomeWriter]
     ) -> None:
         self._trades = trades
         self._statuses = statuses
@@ -95,7 +104,7 @@ class TradeSink(DynamicSink[Decided]):
 
 
 class _DeadLetterStatusPartition(StatelessSinkPartition[Outcome]):
-    def __init__(self, trades: TradeStore, statuses: StatusStore) -> None:
+    def __init__(self, trades: TradeStore, statuses: OutcomeWriter) -> None:
         self._trades = trades
         self._statuses = statuses
 
@@ -112,7 +121,7 @@ class DeadLetterStatusSink(DynamicSink[Outcome]):
     At-least-once; idempotent (the log returns the same outcome on every replay)."""
 
     def __init__(
-        self, trades: Callable[[], TradeStore], statuses: Callable[[], StatusStore]
+        self, trades: Callable[[], TradeStore], statuses: Callable[[], OutcomeWriter]
     ) -> None:
         self._trades = trades
         self._statuses = statuses

@@ -1,4 +1,5 @@
-"""Helpers for tests that run our commands as real processes."""
+"""Helpers for tests: running our commands as real processes, polling, and PENDING records
+in the embedded status table."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
+
+from adapters.sqlite_file import write_once
+from adapters.sqlite_status import PUT_PENDING, SqliteStatusStore
+from domain.status import RequestStatus
 
 T = TypeVar("T")
 LOGS = Path(__file__).parent.parent / ".services" / "test-logs"
@@ -53,3 +58,9 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: floa
             proc.kill()
             proc.wait(5)
     return proc.returncode
+
+
+def write_pending(store: SqliteStatusStore, *statuses: RequestStatus) -> None:
+    """PENDING records with the embedded intake's statement and rows, without log entries:
+    the SQLite status store itself takes no PENDING writes (``SqliteIntake`` does)."""
+    write_once(store.path, PUT_PENDING, [store.pending_row(s) for s in statuses], "test")
