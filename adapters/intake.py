@@ -1,5 +1,9 @@
-"""The API's intake: PENDING in the status store, then the trade in the queue; and the
-bound every intake runs under, so a hung dependency costs each request a bounded wait."""
+"""The API's intakes, one per profile, and the bound every intake runs under, so a hung
+dependency costs each request a bounded wait.
+
+Services: PENDING in the status store, then the trade in the queue (``PendingThenQueue``).
+Embedded: both in one transaction of the inbound log's SQLite file (``SqliteIntake``).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,11 @@ import asyncio
 
 import structlog
 
+from adapters.inbound_log import APPEND, SqliteInboundLog
+from adapters.sqlite_file import GroupCommit, Params, Writer
+from adapters.sqlite_status import PUT_PENDING, SqliteStatusStore
 from domain.message import TradeMessage
-from domain.ports import Intake, StatusStore, TradeQueue, Unavailable
+from domain.ports import Intake, PendingWriter, TradeQueue, Unavailable
 from domain.status import RequestStatus
 
 log = structlog.get_logger("adapters")
@@ -24,7 +31,7 @@ class PendingThenQueue:
     for the queue, the PENDING record is withdrawn (in the background) and the caller
     gets Unavailable."""
 
-    def __init__(self, statuses: StatusStore, queue: TradeQueue) -> None:
+    def __init__(self, statuses: PendingWriter, queue: TradeQueue) -> None:
         self._statuses = statuses
         self._queue = queue
         self._withdrawing: set[asyncio.Task[None]] = set()
@@ -46,6 +53,33 @@ class PendingThenQueue:
         except Unavailable as exc:
             # Its id was never returned to anyone; the status TTL removes it.
             log.warning("could not withdraw PENDING record", request_id=request_id, error=str(exc))
+
+
+class SqliteIntake:
+    """The embedded intake: the PENDING record and the log entry in one transaction.
+
+    The status table lives in the log's own file, so one group commit (one fsync) makes
+    both durable, and a failure leaves neither: nothing to withdraw.
+    """
+
+    def __init__(self, log: SqliteInboundLog, statuses: SqliteStatusStore) -> None:
+        if statuses.path != log.path:
+            raise ValueError("the embedded status table must live in the inbound log's file")
+        self._log = log
+        self._statuses = statuses
+        self._commit: GroupCommit[tuple[Params, Params]] = GroupCommit(log.path, self._write)
+
+    @staticmethod
+    def _write(writer: Writer, accepted: list[tuple[Params, Params]]) -> None:
+        with writer.transaction("inbound log") as conn:
+            conn.executemany(PUT_PENDING, [pending for pending, _ in accepted])
+            conn.executemany(APPEND, [entry for _, entry in accepted])
+
+    async def accept(self, pending: RequestStatus, message: TradeMessage) -> None:
+        await self._commit.submit((self._statuses.pending_row(pending), self._log.row(message)))
+
+    def close(self) -> None:
+        self._commit.close()
 
 
 class BoundedIntake:

@@ -34,7 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from adapters.sqlite import DELETE_CHUNK, PRAGMAS
+from adapters.sqlite_file import DELETE_CHUNK, PRAGMAS
 from adapters.tables import request_outcomes, trades
 from domain.ports import DecisionLog, StoredTrade, TradeFilter, Unavailable
 from domain.status import Outcome, RequestState

@@ -14,18 +14,13 @@ from pathlib import Path
 import structlog
 
 from adapters.dynamodb import DynamoStatusStore, make_client
-from adapters.intake import PendingThenQueue
+from adapters.inbound_log import PartitionCountMismatch, SqliteInboundLog
+from adapters.intake import PendingThenQueue, SqliteIntake
 from adapters.kafka import INBOUND_TOPIC_CONFIG, KafkaTradeQueue, ensure_topics
 from adapters.sql import SqlTradeStore, make_engine
-from adapters.sqlite import (
-    PartitionCountMismatch,
-    SqliteInboundLog,
-    SqliteIntake,
-    SqliteStatusStore,
-    SqliteTradeQueue,
-)
+from adapters.sqlite_status import SqliteStatusStore
 from config.settings import Settings
-from domain.ports import Intake, StatusStore, TradeQueue, TradeStore
+from domain.ports import Intake, Reachable, StatusReader, TradeReader
 
 log = structlog.get_logger("adapters")
 
@@ -57,9 +52,8 @@ def inbound_log(settings: Settings) -> SqliteInboundLog:
     return SqliteInboundLog(inbound_log_path(settings), settings.inbound_partitions)
 
 
-def trade_queue(settings: Settings) -> SqliteTradeQueue | KafkaTradeQueue:
-    if settings.embedded:
-        return SqliteTradeQueue(inbound_log(settings))
+def trade_queue(settings: Settings) -> KafkaTradeQueue:
+    """The services profile's queue (embedded, the API appends through ``SqliteIntake``)."""
     return KafkaTradeQueue(
         settings.kafka_bootstrap_servers,
         settings.inbound_topic,
@@ -102,7 +96,6 @@ def prepare_status_store(settings: Settings) -> str:
     if isinstance(store, SqliteStatusStore):
         store.ensure_schema()
         store.adopt(settings.data_dir / "status.db")
-        store.close()
         return str(store.path)
     store.ensure_table()
     return settings.status_table
@@ -110,11 +103,12 @@ def prepare_status_store(settings: Settings) -> str:
 
 @dataclass
 class Services:
-    """The adapters the API holds for its lifetime."""
+    """The adapters the API holds for its lifetime; ``queue`` is there for health only
+    (the Kafka producer, or the embedded inbound log)."""
 
-    trades: TradeStore
-    statuses: StatusStore
-    queue: TradeQueue
+    trades: TradeReader
+    statuses: StatusReader
+    queue: Reachable
     intake: Intake
     closers: list[Callable[[], None]] = field(default_factory=list)
 
@@ -134,10 +128,8 @@ def api_services(settings: Settings) -> Services:
     statuses = status_store(settings)
     if isinstance(statuses, SqliteStatusStore):
         inbound = inbound_log(settings)
-        embedded = SqliteTradeQueue(inbound)
         intake = SqliteIntake(inbound, statuses)
-        closers = [intake.close, embedded.close, statuses.close]
-        return Services(trade_store(settings), statuses, embedded, intake, closers)
+        return Services(trade_store(settings), statuses, inbound, intake, [intake.close])
     queue = trade_queue(settings)
     return Services(
         trade_store(settings),

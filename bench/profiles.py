@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -537,15 +536,6 @@ class ServicesStage(Stage):
 # =====================================================================================
 
 
-def sqlite_connect(path: Path) -> sqlite3.Connection:
-    """The app's SQLite settings: WAL, synchronous=FULL."""
-    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=30000")
-    return conn
-
-
 class EmbeddedStage(Stage):
     profile = "embedded"
 
@@ -566,7 +556,7 @@ class EmbeddedStage(Stage):
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def preload(self, messages: Sequence[Any], progress: Callable[[int], None]) -> None:
-        """The inbound log's own bulk append (adapters.sqlite.SqliteInboundLog.append_many)."""
+        """The inbound log's own bulk append (adapters.inbound_log.SqliteInboundLog.append_many)."""
         from adapters import wiring
 
         inbound = wiring.inbound_log(self.settings())
@@ -574,10 +564,11 @@ class EmbeddedStage(Stage):
         for chunk in _chunks(messages, 20000):
             done += inbound.append_many(chunk)
             progress(done)
-        inbound.close()
 
     def statuses(self, request_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
-        conn = sqlite_connect(self.data / "inbound.db")
+        from adapters.sqlite_file import connect
+
+        conn = connect(self.data / "inbound.db")
         out: dict[str, tuple[str, str]] = {}
         try:
             for chunk in _chunks(request_ids, 500):
@@ -595,88 +586,76 @@ class EmbeddedStage(Stage):
     def ceiling(
         self, batches: Sequence[tuple[Sequence[TradeRow], Sequence[TerminalRow]]]
     ) -> dict[str, Any]:
-        """Per batch: one transaction of executemany upserts into trades.db (guard trigger
-        on) and the decision log; the statuses in one transaction into inbound.db (where the
-        app keeps them) on a second thread (another file, so it overlaps)."""
+        """The sink's own writes, without its reads and decisions: per batch, one
+        transaction of the app's SQLite trade upsert and decision-log insert
+        (``adapters.sql.SQLITE``; guard trigger on) on the app's engine; then the batch's
+        outcomes through the status store's own ``complete`` into inbound.db, on a second
+        thread (another file, so it overlaps). The rows become domain values before the
+        clock starts, stamped as logged then."""
+        from adapters.sql import SQLITE, make_engine
+        from adapters.sqlite_status import SqliteStatusStore
         from config.clock import utc_now
+        from domain.status import Outcome, RequestState
+        from domain.trade import ReasonCode, Trade
 
-        trades_db = sqlite_connect(self.data / "trades.db")
-        from adapters.sqlite import COMPLETE  # the sink's own statement: a like-for-like ceiling
-
-        status_db = sqlite_connect(self.data / "inbound.db")
+        logged_at = utc_now()
+        work = [
+            (
+                [
+                    Trade(
+                        r.trade_id,
+                        r.version,
+                        r.counterparty_id,
+                        r.book_id,
+                        r.maturity_date,
+                        r.created_date,
+                    )
+                    for r in trade_rows
+                ],
+                [
+                    Outcome(
+                        t.request_id,
+                        t.trade_id,
+                        t.version,
+                        RequestState(t.state),
+                        ReasonCode(t.reason_code) if t.reason_code else None,
+                        t.failure_reason,
+                        t.created_at,
+                        decided_at=logged_at,
+                    )
+                    for t in terminal
+                ],
+            )
+            for trade_rows, terminal in batches
+        ]
+        engine = make_engine(self.sql_url(), pool_size=1)
+        statuses = SqliteStatusStore(self.data / "inbound.db", TTL_DAYS)
         trade_time = 0.0
         status_time: list[float] = []
 
-        def write_statuses(rows: Sequence[TerminalRow]) -> None:
+        def write_statuses(outcomes: Sequence[Any]) -> None:
             t0 = time.perf_counter()
-            now = utc_now()
-            expires = int((now + timedelta(days=TTL_DAYS)).timestamp())
-            status_db.execute("BEGIN IMMEDIATE")
-            status_db.executemany(
-                COMPLETE,
-                [
-                    (
-                        r.request_id,
-                        r.state,
-                        r.trade_id,
-                        r.version,
-                        r.created_at.isoformat(),
-                        now.isoformat(),
-                        r.reason_code,
-                        r.failure_reason,
-                        expires,
-                    )
-                    for r in rows
-                ],
-            )
-            status_db.execute("COMMIT")
+            statuses.complete(outcomes)
             status_time.append(time.perf_counter() - t0)
 
         started = time.perf_counter()
         pending: list[Future[None]] = []
         with ThreadPoolExecutor(1) as pool:
-            for trade_rows, terminal in batches:
+            for trades, outcomes in work:
                 t0 = time.perf_counter()
-                trades_db.execute("BEGIN IMMEDIATE")
-                trades_db.executemany(
-                    "INSERT INTO trades (trade_id, version, counterparty_id, book_id,"
-                    " maturity_date, created_date, expired, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, 0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
-                    " ON CONFLICT (trade_id, version) DO UPDATE SET"
-                    " counterparty_id = excluded.counterparty_id, book_id = excluded.book_id,"
-                    " maturity_date = excluded.maturity_date,"
-                    " created_date = excluded.created_date, expired = excluded.expired,"
-                    " updated_at = CURRENT_TIMESTAMP",
-                    [
-                        (
-                            r.trade_id,
-                            r.version,
-                            r.counterparty_id,
-                            r.book_id,
-                            r.maturity_date.isoformat(),
-                            r.created_date.isoformat(),
-                        )
-                        for r in trade_rows
-                    ],
-                )
-                trades_db.executemany(
-                    "INSERT INTO request_outcomes (request_id, trade_id, version, state,"
-                    " reason_code, failure_reason, decided_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, CURRENT_TIMESTAMP)"
-                    " ON CONFLICT (request_id) DO NOTHING",
-                    [t.logged() for t in terminal],
-                )
-                trades_db.execute("COMMIT")
+                with engine.begin() as conn:
+                    SQLITE.upsert(conn, trades, utc_now())
+                    SQLITE.log(conn, outcomes)
                 trade_time += time.perf_counter() - t0
-                pending.append(pool.submit(write_statuses, terminal))
+                pending.append(pool.submit(write_statuses, outcomes))
             for fut in pending:
                 fut.result()
         wall = time.perf_counter() - started
-        trades_db.close()
-        status_db.close()
+        engine.dispose()
         return {
-            "method": "SQLite executemany upsert per batch in one transaction (guard trigger"
-            " on, WAL, synchronous=FULL); statuses one transaction per batch on a 2nd thread",
+            "method": "SQLite: the app's trade upsert and decision-log insert"
+            " (adapters.sql.SQLITE; guard trigger on, WAL, synchronous=FULL) per batch in one"
+            " transaction; statuses through SqliteStatusStore.complete on a 2nd thread",
             "wall_s": wall,
             "trade_store_busy_s": round(trade_time, 3),
             "status_store_busy_s": round(sum(status_time), 3),

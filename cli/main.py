@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     get_settings.cache_clear()
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
-    from adapters.sqlite import PartitionCountMismatch
+    from adapters.inbound_log import PartitionCountMismatch
 
     try:
         code: int = args.handler(settings, args)

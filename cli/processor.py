@@ -23,8 +23,9 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
 
 from adapters import wiring
+from adapters.inbound_log import delete_dead_letters
 from adapters.sql import SqlTradeStore
-from adapters.sqlite import SqliteStatusStore, delete_dead_letters
+from adapters.sqlite_status import SqliteStatusStore
 from config.clock import business_today, utc_now
 from config.runtime import tune_gc
 from config.settings import Settings, get_settings

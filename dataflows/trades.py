@@ -26,7 +26,7 @@ from domain.message import (
     decode,
     valid_id,
 )
-from domain.ports import StatusStore, TradeStore
+from domain.ports import DecisionStore, OutcomeWriter
 from domain.status import Outcome, RequestState
 from domain.trade import ReasonCode, decide, next_highest
 from sinks.dead_letter import DeadLetter
@@ -117,9 +117,9 @@ def dead_letter_outcome(letter: TradeMessage | DeadLetter) -> Outcome | None:
 class HeadLookup:
     """Attaches the store's highest version to each message: one query per batch."""
 
-    def __init__(self, trades: Callable[[], TradeStore]) -> None:
+    def __init__(self, trades: Callable[[], DecisionStore]) -> None:
         self._factory = trades
-        self._store: TradeStore | None = None
+        self._store: DecisionStore | None = None
 
     def __call__(self, messages: list[TradeMessage]) -> list[WithHead]:
         if self._store is None:
@@ -179,8 +179,8 @@ class DecideInOrder(StatefulBatchLogic[WithHead, Decided, None]):
 
 def build_flow(
     inbound: Callable[[Dataflow], Stream[RawRecord]],
-    trades: Callable[[], TradeStore],
-    statuses: Callable[[], StatusStore],
+    trades: Callable[[], DecisionStore],
+    statuses: Callable[[], OutcomeWriter],
     dead_letters: Sink[DeadLetter],
 ) -> Dataflow:
     """Wire the trade dataflow from a source and per-worker store factories."""

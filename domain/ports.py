@@ -41,6 +41,14 @@ class TradeFilter:
     expired: bool | None = None
 
 
+class Reachable(Protocol):
+    """What the API's health check asks of a dependency."""
+
+    def ping(self) -> None:
+        """Raise Unavailable unless it answers."""
+        ...
+
+
 class TradeReader(Protocol):
     """The API's read side of the trade store."""
 
@@ -160,11 +168,3 @@ class TradeQueue(Protocol):
         ...
 
     def ping(self) -> None: ...
-
-
-class TradeStore(TradeReader, DecisionStore, Protocol):
-    """Transitional: both sides of the SQL trade store, until every caller names its own."""
-
-
-class StatusStore(PendingWriter, OutcomeWriter, StatusReader, Protocol):
-    """Transitional: every role of a status store, until every caller names its own."""

@@ -14,8 +14,8 @@ import structlog
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from adapters.inbound_log import encode_headers, write_dead_letters
 from adapters.kafka import dead_letter_producer_config
-from adapters.sqlite import encode_headers, write_dead_letters
 from domain.ports import Unavailable
 from sinks.retry import until_available
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
-from adapters.sqlite import LogRecord, connect, read_partition
+from adapters.inbound_log import LogRecord, read_partition
+from adapters.sqlite_file import connect
 
 
 class _LogPartition(StatefulSourcePartition[LogRecord, int]):
@@ -48,7 +49,7 @@ class _LogPartition(StatefulSourcePartition[LogRecord, int]):
 
 
 class SqliteLogSource(FixedPartitionedSource[LogRecord, int]):
-    """Reads the embedded inbound log (see adapters.sqlite.SqliteInboundLog)."""
+    """Reads the embedded inbound log (see adapters.inbound_log.SqliteInboundLog)."""
 
     def __init__(
         self,

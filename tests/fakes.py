@@ -125,7 +125,7 @@ class FakeDecisionLog:
 
 
 class FakeStatusStore:
-    """Same contract as the real stores (domain.ports.StatusStore): terminal states are
+    """Same contract as the real stores (domain.ports: OutcomeWriter, StatusReader, PendingWriter): terminal states are
     final, a record expires ``ttl`` after its last write."""
 
     def __init__(self, ttl: timedelta = timedelta(days=7)) -> None:

@@ -1,4 +1,5 @@
-"""Helpers for tests: running our commands as real processes, seeding a trade store."""
+"""Helpers for tests: running our commands as real processes, polling, seeding a trade
+store, and PENDING records in the embedded status table."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
+from adapters.sqlite_file import write_once
+from adapters.sqlite_status import PUT_PENDING, SqliteStatusStore
 from domain.decided import Decided
 from domain.ports import DecisionStore
-from domain.status import Outcome
+from domain.status import Outcome, RequestStatus
 from domain.trade import Trade
 from domain.use_cases import record_dead_letters, record_decisions
 
@@ -77,3 +80,9 @@ def record(store: DecisionStore, decided: Sequence[Decided]) -> list[Outcome]:
 def record_failed(store: DecisionStore, failed: Sequence[Outcome]) -> list[Outcome]:
     """The processor's use case for dead letters, stamped now."""
     return record_dead_letters(store, failed, datetime.now(UTC))
+
+
+def write_pending(store: SqliteStatusStore, *statuses: RequestStatus) -> None:
+    """PENDING records with the embedded intake's statement and rows, without log entries:
+    the SQLite status store itself takes no PENDING writes (``SqliteIntake`` does)."""
+    write_once(store.path, PUT_PENDING, [store.pending_row(s) for s in statuses], "test")

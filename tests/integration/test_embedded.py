@@ -16,13 +16,9 @@ from pathlib import Path
 import pytest
 
 from adapters import wiring
-from adapters.sqlite import (
-    SqliteInboundLog,
-    SqliteStatusStore,
-    connect,
-    partition_of,
-    read_partition,
-)
+from adapters.inbound_log import SqliteInboundLog, partition_of, read_partition
+from adapters.sqlite_file import connect
+from adapters.sqlite_status import SqliteStatusStore
 from config.clock import business_today
 from config.settings import Settings
 from domain.message import TradeMessage, decode
@@ -30,7 +26,7 @@ from domain.ports import Unavailable
 from domain.status import RequestState, RequestStatus
 from domain.trade import Trade
 from tests.conftest import settings_env, unique
-from tests.support import start, stop, wait_for
+from tests.support import start, stop, wait_for, write_pending
 
 TODAY = business_today("UTC")
 
@@ -103,8 +99,7 @@ def test_migrate_adopts_statuses_from_a_separate_status_file(tmp_path: Path) -> 
     old = SqliteStatusStore(settings.data_dir / "status.db", ttl_days=7)
     old.ensure_schema()
     kept = message("T1", 1)
-    asyncio.run(old.put_pending(pending_of(kept)))
-    old.close()
+    write_pending(old, pending_of(kept))
     subprocess.run(
         [sys.executable, "-m", "cli.main", "migrate"], env=settings_env(settings), check=True
     )
@@ -118,13 +113,8 @@ def test_migrate_adopts_statuses_from_a_separate_status_file(tmp_path: Path) -> 
 def test_log_keeps_per_partition_order_and_survives_reopen(embedded: Settings) -> None:
     log = wiring.inbound_log(embedded)
     sent = [message(f"T{i % 7}", i + 1) for i in range(50)]
-
-    async def publish() -> None:
-        queue = wiring.trade_queue(embedded)
-        await asyncio.gather(*(queue.publish(m) for m in sent))
-        queue.close()
-
-    asyncio.run(publish())
+    for m in sent:  # one message per transaction
+        log.append_many([m])
     reader = connect(log.path)
     got = [r for p in range(log.partitions) for r in read_partition(reader, p, 0, 1000)]
     assert len(got) == 50
@@ -202,7 +192,7 @@ def test_dead_letters_are_kept(embedded: Settings, children: list[subprocess.Pop
     bad = unique("bad")
     statuses = wiring.status_store(embedded)
     now = datetime.now(UTC)
-    asyncio.run(statuses.put_pending(RequestStatus(bad, RequestState.PENDING, "T", 1, now, now)))
+    write_pending(statuses, RequestStatus(bad, RequestState.PENDING, "T", 1, now, now))  # type: ignore[arg-type]
     with sqlite3.connect(path) as conn:
         conn.execute(
             "INSERT INTO inbound_log (partition, key, value, headers) VALUES (0, ?, ?, ?)",

@@ -15,19 +15,17 @@ from pathlib import Path
 import pytest
 from sqlalchemy import insert
 
-from adapters import sqlite as sqlite_adapter
-from adapters import wiring
-from adapters.sql import SqlTradeStore
-from adapters.sqlite import (
+from adapters import sqlite_file, wiring
+from adapters.inbound_log import (
     DEAD_LETTER,
-    PUT_PENDING,
     PartitionCountMismatch,
     SqliteInboundLog,
-    SqliteIntake,
-    SqliteStatusStore,
     delete_dead_letters,
-    write_once,
 )
+from adapters.intake import SqliteIntake
+from adapters.sql import SqlTradeStore
+from adapters.sqlite_file import write_once
+from adapters.sqlite_status import PUT_PENDING, SqliteStatusStore
 from adapters.tables import request_outcomes
 from cli.processor import RetentionSweeper
 from config.clock import business_today, utc_now
@@ -153,7 +151,7 @@ def test_a_log_from_before_the_record_adopts_the_setting_once(tmp_path: Path) ->
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks of 2, so the tests below also prove the chunk loop goes on to the end."""
-    monkeypatch.setattr(sqlite_adapter, "DELETE_CHUNK", 2)
+    monkeypatch.setattr(sqlite_file, "DELETE_CHUNK", 2)
     monkeypatch.setattr("adapters.sql.DELETE_CHUNK", 2)
 
 

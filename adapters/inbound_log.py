@@ -1,0 +1,225 @@
+"""The embedded inbound log: a durable, partitioned queue in one SQLite file (the embedded
+Kafka), with the table of the dead letters read from it."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from adapters.sqlite_file import Params, connect, delete_in_chunks, write_once, writer_of
+from config.clock import utc_now
+from domain.message import TradeMessage, encode
+from domain.ports import Unavailable
+
+# accepted_at (unix seconds) dates an entry for retention; files from before it had the
+# column get it added, NULL in their old rows (see SqliteInboundLog.delete_read).
+LOG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS inbound_log (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    partition INTEGER NOT NULL,
+    key BLOB,
+    value BLOB,
+    headers TEXT NOT NULL,
+    accepted_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS inbound_log_partition_seq ON inbound_log (partition, seq);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    reason TEXT NOT NULL,
+    key BLOB,
+    value BLOB,
+    headers TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS log_meta (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+APPEND = (
+    "INSERT INTO inbound_log (partition, key, value, headers, accepted_at) VALUES (?, ?, ?, ?, ?)"
+)
+DEAD_LETTER = (
+    "INSERT INTO dead_letters (reason, key, value, headers, created_at) VALUES (?, ?, ?, ?, ?)"
+)
+# Entries are appended in order of acceptance (to within a group commit), so the first
+# entry accepted at or after the cut-off bounds everything older.
+FIRST_ACCEPTED_SINCE = "SELECT seq FROM inbound_log WHERE accepted_at >= ? ORDER BY seq LIMIT 1"
+DELETE_READ = """
+DELETE FROM inbound_log WHERE seq IN (
+    SELECT seq FROM inbound_log WHERE partition = ? AND seq <= ? ORDER BY seq LIMIT ?)
+"""
+DELETE_DEAD_LETTERS = """
+DELETE FROM dead_letters WHERE seq IN (
+    SELECT seq FROM dead_letters WHERE created_at < ? ORDER BY seq LIMIT ?)
+"""
+
+
+class PartitionCountMismatch(ValueError):
+    """The log file was written with another partition count than the setting asks for."""
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """Stable across processes and restarts (unlike hash()), so a trade keeps its partition."""
+    return zlib.crc32(key.encode()) % partitions
+
+
+def encode_headers(headers: Iterable[tuple[str, bytes | str | None]]) -> str:
+    return json.dumps(
+        [[k, v.decode() if isinstance(v, bytes) else v] for k, v in headers], separators=(",", ":")
+    )
+
+
+def decode_headers(raw: str) -> list[tuple[str, bytes]]:
+    return [(k, (v or "").encode()) for k, v in json.loads(raw)]
+
+
+LOG_TOPIC = "inbound_log"
+"""The topic a log entry names (as a dead letter's source): the log's table."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    """One entry of the inbound log, shaped like a Kafka message for the dataflow.
+
+    Its position reads as Kafka's: topic ``inbound_log``, its partition, offset = ``seq``.
+    """
+
+    seq: int
+    partition: int
+    key: bytes | None
+    value: bytes | None
+    raw_headers: str = "[]"
+
+    @property
+    def headers(self) -> list[tuple[str, bytes]]:
+        """Decoded on demand: the dataflow reads them only for an undecodable value."""
+        return decode_headers(self.raw_headers)
+
+    @property
+    def topic(self) -> str:
+        return LOG_TOPIC
+
+    @property
+    def offset(self) -> int:
+        return self.seq
+
+
+class SqliteInboundLog:
+    """A durable, partitioned, append-only log in one SQLite file: the embedded Kafka.
+
+    Partition = crc32(trade_id) mod N, so one trade's messages keep their order; ``seq`` is
+    a global, strictly increasing position that readers snapshot to resume. The API appends
+    through the embedded intake (``adapters.intake.SqliteIntake``), with this log's ``row``.
+    """
+
+    def __init__(self, path: Path, partitions: int) -> None:
+        self.path = path
+        self.partitions = partitions
+
+    def ensure_schema(self) -> None:
+        """Create or upgrade the file, and refuse a partition count it was not written with.
+
+        The count is recorded when the file is created (a file from before the record
+        adopts the current setting, once): another count would route trade_ids to other
+        partitions, breaking per-trade order (raised) or stranding entries (lowered).
+        """
+        with writer_of(self.path) as writer:
+            writer.conn.executescript(LOG_SCHEMA)
+            with writer.transaction("inbound log") as conn:
+                columns = {row[1] for row in conn.execute("PRAGMA table_info(inbound_log)")}
+                if "accepted_at" not in columns:
+                    conn.execute("ALTER TABLE inbound_log ADD COLUMN accepted_at INTEGER")
+                conn.execute(
+                    "INSERT OR IGNORE INTO log_meta (name, value) VALUES ('partitions', ?)",
+                    (self.partitions,),
+                )
+                (recorded,) = conn.execute(
+                    "SELECT value FROM log_meta WHERE name = 'partitions'"
+                ).fetchone()
+        if recorded != self.partitions:
+            raise PartitionCountMismatch(
+                f"{self.path} was created with {recorded} partitions but"
+                f" TRADE_STORE_INBOUND_PARTITIONS is {self.partitions}: set"
+                f" TRADE_STORE_INBOUND_PARTITIONS={recorded}, or, to change the count, let"
+                " the processor drain this log and start on a new data folder"
+                " (another count would re-route trade_ids: out of order, or never read)"
+            )
+
+    def row(self, message: TradeMessage) -> Params:
+        """``APPEND``'s parameters for one message."""
+        key = message.trade.trade_id
+        headers = [("request_id", message.request_id), ("correlation_id", message.correlation_id)]
+        return (
+            partition_of(key, self.partitions),
+            key.encode(),
+            encode(message),
+            encode_headers(headers),
+            int(message.accepted_at.timestamp()),
+        )
+
+    def append_many(self, messages: Iterable[TradeMessage]) -> int:
+        """Bulk load in one transaction (backfills, benchmarks); returns the count."""
+        rows = [self.row(m) for m in messages]
+        write_once(self.path, APPEND, rows, "inbound log")
+        return len(rows)
+
+    def delete_read(self, positions: Mapping[int, int], accepted_before: datetime) -> int:
+        """Delete the entries no reader will read again and accepted before
+        ``accepted_before``; return how many.
+
+        ``positions`` holds, per partition, the seq its reader resumes after at the earliest
+        (what the recovery snapshots record); a partition without one keeps everything.
+        Entries from before ``accepted_at`` was recorded (NULL) count as old enough.
+        """
+        with writer_of(self.path) as writer:
+            young = writer.conn.execute(
+                FIRST_ACCEPTED_SINCE, (int(accepted_before.timestamp()),)
+            ).fetchone()
+            total = 0
+            for partition, seq in sorted(positions.items()):
+                upto = seq if young is None else min(seq, young[0] - 1)
+                total += delete_in_chunks(writer, DELETE_READ, (partition, upto), "inbound log")
+            return total
+
+    def ping(self) -> None:
+        """Raise Unavailable unless the log's file opens and its table reads (API health)."""
+        try:
+            conn = connect(self.path)
+            conn.execute("SELECT 1 FROM inbound_log LIMIT 1")
+            conn.close()
+        except sqlite3.Error as exc:
+            raise Unavailable(f"inbound log: {exc}") from exc
+
+
+def read_partition(
+    conn: sqlite3.Connection, partition: int, after_seq: int, limit: int
+) -> list[LogRecord]:
+    """The next records of one partition after ``after_seq``, in order."""
+    rows = conn.execute(
+        "SELECT seq, partition, key, value, headers FROM inbound_log"
+        " WHERE partition = ? AND seq > ? ORDER BY seq LIMIT ?",
+        (partition, after_seq, limit),
+    ).fetchall()
+    return [LogRecord(*row) for row in rows]
+
+
+def write_dead_letters(
+    path: Path, letters: Sequence[tuple[str, bytes | None, bytes | None, str]]
+) -> None:
+    """Store (reason, key, value, headers-json) rows in the log file's dead_letters table."""
+    now = utc_now().isoformat()
+    write_once(path, DEAD_LETTER, [(*letter, now) for letter in letters], "dead letters")
+
+
+def delete_dead_letters(path: Path, created_before: datetime) -> int:
+    """Delete the dead letters stored before ``created_before``; return how many."""
+    before = created_before.astimezone(UTC).isoformat()
+    with writer_of(path) as writer:
+        return delete_in_chunks(writer, DELETE_DEAD_LETTERS, (before,), "dead letters")

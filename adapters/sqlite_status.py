@@ -1,0 +1,194 @@
+"""The embedded profile's status store: request statuses in the inbound log's SQLite file.
+
+PENDING records are not written here: the embedded intake (``adapters.intake.SqliteIntake``)
+commits each one with its log entry, with this module's ``PUT_PENDING`` and
+``SqliteStatusStore.pending_row``. The processor writes outcomes; the API reads.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from adapters.sqlite_file import Params, Writer, connect, delete_in_chunks, writer_of
+from config.clock import utc_now
+from domain.ports import Unavailable
+from domain.status import Outcome, RequestState, RequestStatus
+from domain.trade import ReasonCode
+
+STATUS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS request_status (
+    request_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    trade_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    reason_code TEXT,
+    failure_reason TEXT,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS request_status_expires ON request_status (expires_at);
+"""
+
+PUT_PENDING = """
+INSERT INTO request_status (request_id, status, trade_id, version, created_at, updated_at,
+                            expires_at)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (request_id) DO NOTHING
+"""
+
+# Terminal is final: only a missing or PENDING record takes an outcome.
+COMPLETE = """
+INSERT INTO request_status (request_id, status, trade_id, version, created_at, updated_at,
+                            reason_code, failure_reason, expires_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (request_id) DO UPDATE SET
+    status = excluded.status, updated_at = excluded.updated_at,
+    reason_code = excluded.reason_code, failure_reason = excluded.failure_reason,
+    expires_at = excluded.expires_at
+WHERE request_status.status = 'PENDING'
+"""
+
+DELETE_EXPIRED = """
+DELETE FROM request_status WHERE rowid IN (
+    SELECT rowid FROM request_status WHERE expires_at < ? LIMIT ?)
+"""
+
+
+FAIL_PENDING = """
+UPDATE request_status
+SET status = ?, updated_at = ?, reason_code = ?, failure_reason = ?, expires_at = ?
+WHERE request_id = ? AND status = 'PENDING'
+"""
+
+
+class SqliteStatusStore:
+    """Request statuses in a SQLite file, under the status contract (``domain.ports``) for
+    what the processor and the API's reads need of it; PENDING records come from the intake."""
+
+    def __init__(self, path: Path, ttl_days: int) -> None:
+        self.path = path
+        self._ttl = timedelta(days=ttl_days)
+        self._local = threading.local()
+
+    def ensure_schema(self) -> None:
+        with writer_of(self.path) as writer:
+            writer.conn.executescript(STATUS_SCHEMA)
+
+    def adopt(self, old: Path) -> None:
+        """Take over the statuses of a separate status file (where earlier versions kept
+        them), then rename it ``*.adopted`` so it is read once."""
+        if not old.exists() or old == self.path:
+            return
+        with writer_of(self.path) as writer:
+            writer.conn.execute("ATTACH DATABASE ? AS old", (str(old),))
+            try:
+                with writer.transaction("status store") as conn:
+                    conn.execute(
+                        "INSERT OR IGNORE INTO request_status SELECT * FROM old.request_status"
+                    )
+            finally:
+                writer.conn.execute("DETACH DATABASE old")
+        old.rename(old.with_name(old.name + ".adopted"))
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = connect(self.path)
+        return conn
+
+    def _writer(self) -> Writer:
+        writer: Writer | None = getattr(self._local, "writer", None)
+        if writer is None:
+            writer = self._local.writer = Writer(self.path)
+        return writer
+
+    def _expires(self, moment: datetime) -> int:
+        return int((moment + self._ttl).timestamp())
+
+    def pending_row(self, status: RequestStatus) -> Params:
+        """``PUT_PENDING``'s parameters for a new request (the embedded intake writes them)."""
+        at = status.created_at
+        return (
+            status.request_id,
+            status.state.value,
+            status.trade_id,
+            status.version,
+            at.isoformat(),
+            status.updated_at.isoformat(),
+            self._expires(at),
+        )
+
+    def complete(self, outcomes: Sequence[Outcome]) -> None:
+        rows = [
+            (
+                s.request_id,
+                s.state.value,
+                s.trade_id,
+                s.version,
+                s.created_at.isoformat(),
+                s.updated_at.isoformat(),
+                s.reason_code.value if s.reason_code else None,
+                s.failure_reason,
+                self._expires(s.updated_at),
+            )
+            for s in (o.as_status() for o in outcomes)
+        ]
+        self._writer().write_all(COMPLETE, rows, "status store")
+
+    def fail_pending(self, outcomes: Sequence[Outcome]) -> None:
+        rows = [
+            (
+                o.state.value,
+                o.logged_at().isoformat(),
+                o.reason_code.value if o.reason_code else None,
+                o.failure_reason,
+                self._expires(o.logged_at()),
+                o.request_id,
+            )
+            for o in outcomes
+        ]
+        self._writer().write_all(FAIL_PENDING, rows, "status store")
+
+    def delete_expired(self, now: datetime) -> int:
+        """Delete the records that expired before ``now`` (reads already treat them as
+        gone; DynamoDB's TTL does the same in the services profile); return how many."""
+        with writer_of(self.path) as writer:
+            return delete_in_chunks(writer, DELETE_EXPIRED, (int(now.timestamp()),), "status store")
+
+    def get(self, request_id: str) -> RequestStatus | None:
+        try:
+            row = (
+                self._conn()
+                .execute(
+                    "SELECT request_id, status, trade_id, version, created_at, updated_at,"
+                    " reason_code, failure_reason FROM request_status"
+                    " WHERE request_id = ? AND expires_at >= ?",
+                    (request_id, int(utc_now().timestamp())),
+                )
+                .fetchone()
+            )
+        except sqlite3.Error as exc:
+            raise Unavailable(f"status store: {exc}") from exc
+        if row is None:
+            return None
+        return RequestStatus(
+            request_id=row[0],
+            state=RequestState(row[1]),
+            trade_id=row[2],
+            version=row[3],
+            created_at=datetime.fromisoformat(row[4]),
+            updated_at=datetime.fromisoformat(row[5]),
+            reason_code=ReasonCode(row[6]) if row[6] else None,
+            failure_reason=row[7],
+        )
+
+    def ping(self) -> None:
+        try:
+            self._conn().execute("SELECT 1 FROM request_status LIMIT 1")
+        except sqlite3.Error as exc:
+            raise Unavailable(f"status store: {exc}") from exc
