@@ -56,7 +56,8 @@ WRITE_BATCH = 25  # BatchWriteItem's limit
 GET_BATCH = 100  # BatchGetItem's limit
 
 # The delay before each round of a batch call: the first at once, then whatever DynamoDB
-# left unprocessed again, backing off to 1 s; ten rounds in all.
+# left unprocessed again, backing off to 1 s; ten rounds in all. A throttled call is
+# Unavailable at once instead: the sinks retry it with their own backoff, the API says 503.
 ROUNDS_S = (0.0, *(min(0.02 * 2**i, 1.0) for i in range(9)))
 
 Call = tuple[float, str, bytes]  # (delay before it, operation, JSON body)
