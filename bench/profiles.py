@@ -57,7 +57,7 @@ class TerminalRow:
     created_at: datetime
 
     def logged(self) -> tuple[str, str, int, str, str | None, str | None]:
-        """The decision-log columns, in the order both ceilings insert them."""
+        """The decision-log columns, in the order the embedded ceiling inserts them."""
         return (
             self.request_id,
             self.trade_id,
@@ -236,58 +236,21 @@ def dynamo_client() -> Any:
     )
 
 
-def _status_item(t: TerminalRow, now: datetime) -> dict[str, Any]:
-    """The same attributes the app's DynamoDB status store writes for a terminal status."""
-    item: dict[str, Any] = {
-        "request_id": {"S": t.request_id},
-        "status": {"S": t.state},
-        "trade_id": {"S": t.trade_id},
-        "version": {"N": str(t.version)},
-        "created_at": {"S": t.created_at.isoformat()},
-        "updated_at": {"S": now.isoformat()},
-        "expires_at": {"N": str(int((now + timedelta(days=TTL_DAYS)).timestamp()))},
-    }
-    if t.reason_code:
-        item["reason_code"] = {"S": t.reason_code}
-    if t.failure_reason:
-        item["failure_reason"] = {"S": t.failure_reason}
-    return item
+def _outcome(t: TerminalRow, decided_at: datetime) -> Any:
+    """The row as the decision log hands an outcome to the status store."""
+    from domain.status import Outcome, RequestState
+    from domain.trade import ReasonCode
 
-
-class LeanBatchWriter:
-    """BatchWriteItem without boto3's model-driven serializer: one orjson body, signed with
-    botocore's SigV4 over a pooled HTTP session. The ceiling's client must be at least as
-    cheap as the app's, or the ceiling would measure the client instead of the store."""
-
-    def __init__(self, client: Any, table: str) -> None:
-        self.table = table
-        self.url = client.meta.endpoint_url
-        self.region = client.meta.region_name
-        self.credentials = client._request_signer._credentials.get_frozen_credentials()
-        self.http = client._endpoint.http_session
-
-    def put(self, items: list[dict[str, Any]]) -> None:
-        import orjson
-        from botocore.auth import SigV4Auth
-        from botocore.awsrequest import AWSRequest
-
-        requests = [{"PutRequest": {"Item": item}} for item in items]
-        while requests:
-            request = AWSRequest(
-                method="POST",
-                url=self.url,
-                data=orjson.dumps({"RequestItems": {self.table: requests}}),
-                headers={
-                    "Content-Type": "application/x-amz-json-1.0",
-                    "X-Amz-Target": "DynamoDB_20120810.BatchWriteItem",
-                },
-            )
-            SigV4Auth(self.credentials, "dynamodb", self.region).add_auth(request)
-            reply = self.http.send(request.prepare())
-            body = orjson.loads(reply.content) if reply.content else {}
-            if reply.status_code != 200:
-                raise RuntimeError(f"BatchWriteItem: {reply.status_code} {body}")
-            requests = body.get("UnprocessedItems", {}).get(self.table, [])
+    return Outcome(
+        t.request_id,
+        t.trade_id,
+        t.version,
+        RequestState(t.state),
+        ReasonCode(t.reason_code) if t.reason_code else None,
+        t.failure_reason,
+        t.created_at,
+        decided_at=decided_at,
+    )
 
 
 class ServicesStage(Stage):
@@ -441,90 +404,57 @@ class ServicesStage(Stage):
     def ceiling(
         self, batches: Sequence[tuple[Sequence[TradeRow], Sequence[TerminalRow]]]
     ) -> dict[str, Any]:
-        """Per batch: COPY → temp table → one INSERT … ON CONFLICT for trades (the same
-        guard trigger fires) and one for the decision log, one commit; then the batch's
-        statuses on a thread pool, overlapping the next batch: the status contract's
-        consistent read of which are terminal (BatchGetItem of 100, the app's own request),
-        then BatchWriteItem of 25."""
-        from adapters.dynamodb import BatchWriter
+        """Per batch, the app's own statements without the framework: the trades' upsert
+        (the guard trigger fires) and the decision log's insert, one commit; then the
+        batch's statuses through the app's status store on a thread pool, overlapping the
+        next batch (``complete``: the consistent read of which are terminal, BatchGetItem,
+        then BatchWriteItem of 25)."""
+        from adapters.dynamodb import DynamoStatusStore
+        from adapters.sql import POSTGRES
         from config.clock import utc_now
+        from domain.trade import Trade
 
-        writer = LeanBatchWriter(self.dynamo(), self.table)
-        reader = BatchWriter(self.dynamo(), self.table)
+        store = DynamoStatusStore(self.dynamo(), self.table, TTL_DAYS)
         pg_time = 0.0
         status_time: list[float] = []
 
-        def write_statuses(rows: Sequence[TerminalRow]) -> None:
+        def write_statuses(outcomes: Sequence[Any]) -> None:
             t0 = time.perf_counter()
-            now = utc_now()
-            for part in _chunks([r.request_id for r in rows], 100):
-                reader.terminal(list(part))
-            writer.put([_status_item(r, now) for r in rows])
+            store.complete(outcomes)
             status_time.append(time.perf_counter() - t0)
 
         pending: list[Future[None]] = []
         started = time.perf_counter()
-        with self.pg() as conn, ThreadPoolExecutor(8) as pool:
-            conn.execute(
-                "CREATE TEMP TABLE bench_trades (trade_id text, version int, counterparty_id"
-                " text, book_id text, maturity_date date, created_date date)"
-                " ON COMMIT DELETE ROWS"
-            )
-            conn.execute(
-                "CREATE TEMP TABLE bench_outcomes (request_id text, trade_id text, version int,"
-                " state text, reason_code text, failure_reason text) ON COMMIT DELETE ROWS"
-            )
-            conn.commit()
+        with ThreadPoolExecutor(8) as pool:
             for trade_rows, terminal in batches:
                 t0 = time.perf_counter()
-                with conn.cursor() as cur:
-                    with cur.copy(
-                        "COPY bench_trades (trade_id, version, counterparty_id, book_id,"
-                        " maturity_date, created_date) FROM STDIN"
-                    ) as copy:
-                        for r in trade_rows:
-                            copy.write_row(
-                                (
-                                    r.trade_id,
-                                    r.version,
-                                    r.counterparty_id,
-                                    r.book_id,
-                                    r.maturity_date,
-                                    r.created_date,
-                                )
-                            )
-                    cur.execute(
-                        "INSERT INTO trades (trade_id, version, counterparty_id, book_id,"
-                        " maturity_date, created_date, expired)"
-                        " SELECT trade_id, version, counterparty_id, book_id, maturity_date,"
-                        " created_date, false FROM bench_trades ORDER BY trade_id, version"
-                        " ON CONFLICT (trade_id, version) DO UPDATE SET"
-                        " counterparty_id = excluded.counterparty_id,"
-                        " book_id = excluded.book_id, maturity_date = excluded.maturity_date,"
-                        " created_date = excluded.created_date, expired = excluded.expired,"
-                        " updated_at = now()"
+                now = utc_now()
+                trades = [
+                    Trade(
+                        r.trade_id,
+                        r.version,
+                        r.counterparty_id,
+                        r.book_id,
+                        r.maturity_date,
+                        r.created_date,
                     )
-                    with cur.copy(
-                        "COPY bench_outcomes (request_id, trade_id, version, state,"
-                        " reason_code, failure_reason) FROM STDIN"
-                    ) as copy:
-                        for t in terminal:
-                            copy.write_row(t.logged())
-                    cur.execute(
-                        "INSERT INTO request_outcomes (request_id, trade_id, version, state,"
-                        " reason_code, failure_reason) SELECT * FROM bench_outcomes"
-                        " ON CONFLICT (request_id) DO NOTHING"
-                    )
-                conn.commit()
+                    for r in trade_rows
+                ]
+                logged = [_outcome(t, now) for t in terminal]  # stamped by the decision log
+                with self.engine().begin() as conn:
+                    POSTGRES.upsert(conn, trades, now)
+                    POSTGRES.log(conn, logged)
                 pg_time += time.perf_counter() - t0
                 # Statuses only after the rows are committed, as the app must.
-                pending.extend(pool.submit(write_statuses, c) for c in _chunks(terminal, 25))
+                pending.extend(pool.submit(write_statuses, c) for c in _chunks(logged, 25))
             for fut in pending:
                 fut.result()
         wall = time.perf_counter() - started
+        store.close()
         return {
-            "method": "PostgreSQL COPY→temp→INSERT…ON CONFLICT per batch (guard trigger on);"
-            " DynamoDB BatchWriteItem×25 (orjson body, SigV4) on 8 threads, overlapped",
+            "method": "PostgreSQL: the app's upsert and decision-log insert per batch (unnest"
+            " arrays, guard trigger on); DynamoDB: the app's DynamoStatusStore.complete per 25"
+            " (BatchGetItem + BatchWriteItem) on 8 threads, overlapped",
             "wall_s": wall,
             "trade_store_busy_s": round(pg_time, 3),
             "status_store_busy_s": round(sum(status_time), 3),

@@ -1,22 +1,48 @@
-"""The PENDING writer's own HTTP request: what real DynamoDB checks and the local emulator does not."""
+"""The status store's own DynamoDB wire code: the request it signs (what real DynamoDB checks
+and the local emulator does not), how it reads replies, its retry schedule, both transports
+against a scripted HTTP server, and the botocore internals it reads."""
 
 from __future__ import annotations
 
+import http.server
+import threading
+from collections.abc import Iterator
+from typing import Any
+
 import boto3
+import orjson
+import pytest
+from botocore.credentials import Credentials
 
-from adapters.dynamodb import AsyncBatchWriter
+from adapters.dynamodb_wire import (
+    ROUNDS_S,
+    AsyncBatchWriter,
+    BatchWriter,
+    Reply,
+    Rounds,
+    Signer,
+    parse,
+    terminal_rounds,
+    write_rounds,
+)
+from domain.ports import Unavailable
+
+TABLE = "trade-requests"
 
 
-def wire(endpoint: str) -> tuple[list[str], bytes]:
+def client_for(endpoint: str) -> Any:
     session = boto3.session.Session(
         aws_access_key_id="AKIDEXAMPLE",
         aws_secret_access_key="secret",
         aws_session_token="session-token",
         region_name="eu-west-1",
     )
-    client = session.client("dynamodb", endpoint_url=endpoint)
-    writer = AsyncBatchWriter(client, "trade-requests")
-    head, _, body = writer._wire(b'{"RequestItems":{}}').partition(b"\r\n\r\n")
+    return session.client("dynamodb", endpoint_url=endpoint)
+
+
+def wire(endpoint: str) -> tuple[list[str], bytes]:
+    signer = Signer(client_for(endpoint))
+    head, _, body = signer.http11("BatchWriteItem", b'{"RequestItems":{}}').partition(b"\r\n\r\n")
     return head.decode().split("\r\n"), body
 
 
@@ -40,3 +66,218 @@ def test_the_host_sent_is_the_host_signed_without_the_default_port() -> None:
 def test_a_non_default_port_stays_in_the_host() -> None:
     lines, _ = wire("http://127.0.0.1:4567")
     assert header(lines, "host") == ["127.0.0.1:4567"]
+
+
+# -- replies ---------------------------------------------------------------------------
+
+
+def error(status: int, code: str, message: str = "") -> Reply:
+    return status, orjson.dumps(
+        {"__type": f"com.amazonaws.dynamodb.v20120810#{code}", "message": message}
+    )
+
+
+def test_a_reply_is_its_body_or_an_error_by_kind() -> None:
+    assert parse((200, b'{"UnprocessedItems":{}}'), "BatchWriteItem") == {"UnprocessedItems": {}}
+    assert parse((200, b""), "BatchWriteItem") == {}
+    with pytest.raises(Unavailable, match="status store BatchWriteItem: ThrottlingException"):
+        parse(error(400, "ThrottlingException"), "BatchWriteItem")
+    with pytest.raises(Unavailable, match="status store BatchGetItem: 503"):
+        parse((503, b""), "BatchGetItem")
+    with pytest.raises(RuntimeError, match="ValidationException: item too large"):
+        parse(error(400, "ValidationException", "item too large"), "BatchWriteItem")
+
+
+# -- the retry schedule (no I/O) -----------------------------------------------------------
+
+
+def put(rid: str) -> dict[str, Any]:
+    return {"PutRequest": {"Item": {"request_id": {"S": rid}}}}
+
+
+def left(*requests: dict[str, Any]) -> Reply:
+    return 200, orjson.dumps({"UnprocessedItems": {TABLE: list(requests)} if requests else {}})
+
+
+def drive(rounds: Rounds[Any], replies: list[Reply]) -> tuple[list[tuple[float, str, Any]], Any]:
+    """Every call the rounds make, answered from ``replies`` in order, and their result."""
+    calls = []
+    try:
+        call = next(rounds)
+        while True:
+            delay, operation, body = call
+            calls.append((delay, operation, orjson.loads(body)["RequestItems"][TABLE]))
+            call = rounds.send(replies.pop(0))
+    except StopIteration as done:
+        return calls, done.value
+
+
+def test_only_what_is_left_unprocessed_goes_again_after_the_next_delay() -> None:
+    a, b, c = put("a"), put("b"), put("c")
+    calls, _ = drive(write_rounds(TABLE, [a, b, c]), [left(b, c), left(c), left()])
+    assert calls == [
+        (0.0, "BatchWriteItem", [a, b, c]),
+        (ROUNDS_S[1], "BatchWriteItem", [b, c]),
+        (ROUNDS_S[2], "BatchWriteItem", [c]),
+    ]
+
+
+def test_items_never_processed_fail_after_ten_rounds_backing_off_to_a_second() -> None:
+    a = put("a")
+    rounds = write_rounds(TABLE, [a])
+    delays = [next(rounds)[0]]
+    for _ in ROUNDS_S[1:]:
+        delays.append(rounds.send(left(a))[0])
+    assert delays == list(ROUNDS_S) == [0.0, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.0, 1.0, 1.0]
+    with pytest.raises(Unavailable, match="1 items left unprocessed"):
+        rounds.send(left(a))
+
+
+def test_throttling_is_unavailable_at_once() -> None:
+    rounds = write_rounds(TABLE, [put("a")])
+    next(rounds)
+    with pytest.raises(Unavailable, match="ProvisionedThroughputExceededException"):
+        rounds.send(error(400, "ProvisionedThroughputExceededException"))
+
+
+def found(*items: tuple[str, str], unread: list[str] | None = None) -> Reply:
+    body: dict[str, Any] = {
+        "Responses": {TABLE: [{"request_id": {"S": r}, "status": {"S": s}} for r, s in items]}
+    }
+    if unread:
+        body["UnprocessedKeys"] = {TABLE: {"Keys": [{"request_id": {"S": r}} for r in unread]}}
+    return 200, orjson.dumps(body)
+
+
+def test_terminal_reads_consistently_keeps_the_terminal_and_rereads_unprocessed_keys() -> None:
+    replies = [found(("a", "SUCCESS"), ("b", "PENDING"), unread=["c", "d"]), found(("c", "FAILED"))]
+    calls, terminal = drive(terminal_rounds(TABLE, ["a", "b", "c", "d"]), replies)
+    assert terminal == {"a", "c"}  # d is absent
+    (_, operation, first), (delay, _, second) = calls
+    assert operation == "BatchGetItem"
+    assert first["ConsistentRead"] is True
+    assert [k["request_id"]["S"] for k in first["Keys"]] == ["a", "b", "c", "d"]
+    assert (delay, [k["request_id"]["S"] for k in second["Keys"]]) == (ROUNDS_S[1], ["c", "d"])
+
+
+def test_keys_never_read_fail_after_ten_rounds() -> None:
+    rounds = terminal_rounds(TABLE, ["a"])
+    next(rounds)
+    for _ in ROUNDS_S[1:]:
+        rounds.send(found(unread=["a"]))
+    with pytest.raises(Unavailable, match="1 keys left unread"):
+        rounds.send(found(unread=["a"]))
+
+
+# -- both transports, against a scripted HTTP/1.1 server -----------------------------------
+
+
+class Scripted(http.server.ThreadingHTTPServer):
+    """Answers each POST with the next scripted reply; keeps what it was sent."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.replies: list[Reply] = []
+        self.received: list[tuple[dict[str, str], bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def bodies(self) -> list[Any]:
+        return [orjson.loads(body)["RequestItems"][TABLE] for _, body in self.received]
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as DynamoDB
+    server: Scripted
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+        status, content = self.server.replies.pop(0)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/x-amz-json-1.0")
+        self.send_header("Content-Length", str(len(content)))
+        self.end_headers()
+        self.wfile.write(content)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[Scripted]:
+    scripted = Scripted()
+    thread = threading.Thread(target=scripted.serve_forever, daemon=True)
+    thread.start()
+    yield scripted
+    scripted.shutdown()
+    scripted.server_close()
+
+
+def item(rid: str) -> dict[str, Any]:
+    return {"request_id": {"S": rid}, "status": {"S": "PENDING"}}
+
+
+def test_the_blocking_writer_puts_again_what_is_left(server: Scripted) -> None:
+    server.replies = [left(put("b")), left()]
+    BatchWriter(client_for(server.url), TABLE).put_all([item("a"), item("b")])
+    assert server.bodies() == [
+        [{"PutRequest": {"Item": item("a")}}, {"PutRequest": {"Item": item("b")}}],
+        [put("b")],  # what the first reply left unprocessed
+    ]
+    headers, _ = server.received[0]
+    assert headers["x-amz-target"] == "DynamoDB_20120810.BatchWriteItem"
+    assert headers["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
+
+
+def test_the_blocking_writer_reads_which_are_terminal(server: Scripted) -> None:
+    server.replies = [found(("a", "FAILED"), ("b", "PENDING"))]
+    assert BatchWriter(client_for(server.url), TABLE).terminal(["a", "b"]) == {"a"}
+
+
+def test_an_unreachable_store_is_unavailable_to_the_blocking_writer() -> None:
+    writer = BatchWriter(client_for("http://127.0.0.1:1"), TABLE)
+    with pytest.raises(Unavailable, match="status store BatchWriteItem"):
+        writer.put_all([item("a")])
+
+
+async def test_the_async_writer_puts_and_deletes_on_one_kept_alive_connection(
+    server: Scripted,
+) -> None:
+    server.replies = [left(), left(), error(400, "ThrottlingException")]
+    writer = AsyncBatchWriter(client_for(server.url), TABLE)
+    await writer.put_all([item("a")])
+    await writer.delete_all([item("a")])
+    with pytest.raises(Unavailable, match="status store BatchWriteItem: ThrottlingException"):
+        await writer.put_all([item("b")])
+    writer.close()
+    assert server.bodies() == [
+        [{"PutRequest": {"Item": item("a")}}],
+        [{"DeleteRequest": {"Key": {"request_id": {"S": "a"}}}}],
+        [{"PutRequest": {"Item": item("b")}}],
+    ]
+    assert [h["host"] for h, _ in server.received] == [server.url.removeprefix("http://")] * 3
+
+
+# -- the botocore internals this code reads (fails the day a botocore bump changes them) --
+
+
+def test_the_botocore_internals_read_are_there_and_behave(server: Scripted) -> None:
+    client = client_for(server.url)
+    credentials = client._request_signer._credentials
+    assert isinstance(credentials, Credentials)
+    frozen = credentials.get_frozen_credentials()
+    assert (frozen.access_key, frozen.secret_key, frozen.token) == (
+        "AKIDEXAMPLE",
+        "secret",
+        "session-token",
+    )
+    server.replies = [(200, b'{"UnprocessedItems":{}}')]
+    request = Signer(client).sign("BatchWriteItem", b'{"RequestItems":{}}').prepare()
+    response = client._endpoint.http_session.send(request)
+    assert (response.status_code, response.content) == (200, b'{"UnprocessedItems":{}}')
+    headers, body = server.received[0]
+    assert body == b'{"RequestItems":{}}'
+    assert "x-amz-security-token" in headers
