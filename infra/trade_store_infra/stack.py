@@ -90,7 +90,9 @@ API_TABLE_ACTIONS = [
     "dynamodb:DescribeTable",  # health check
 ]
 PROCESSOR_TABLE_ACTIONS = [
-    "dynamodb:BatchWriteItem",  # outcomes (complete); the processor reads no status
+    "dynamodb:BatchGetItem",  # which outcomes' records are terminal already (complete)
+    "dynamodb:BatchWriteItem",  # outcomes (complete)
+    "dynamodb:UpdateItem",  # dead letters: PENDING -> FAILED only (fail_pending)
 ]
 MIGRATE_TABLE_ACTIONS = [
     # ensure_table(): CreateTable answers ResourceInUseException for the CDK-made table.
