@@ -168,7 +168,7 @@ class DynamoStatusStore:
             if exc.response.get("Error", {}).get("Code") != CONDITION_FAILED:
                 raise
 
-    def complete(self, outcomes: Sequence[Outcome]) -> None:
+    def write_outcomes(self, outcomes: Sequence[Outcome]) -> None:
         items = {
             o.request_id: status_item(o.as_status(), self._expires_at(o.logged_at()))
             for o in outcomes

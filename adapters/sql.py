@@ -200,7 +200,7 @@ class SqlTradeStore:
         with self._connect() as conn:
             return fn(conn)
 
-    def highest_versions(self, trade_ids: Collection[str]) -> dict[str, int]:
+    def heads(self, trade_ids: Collection[str]) -> dict[str, int]:
         if not trade_ids:
             return {}
         return self._run(lambda conn: statements_for(conn).heads(conn, list(trade_ids)))

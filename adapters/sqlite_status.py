@@ -123,7 +123,7 @@ class SqliteStatusStore:
             self._expires(at),
         )
 
-    def complete(self, outcomes: Sequence[Outcome]) -> None:
+    def write_outcomes(self, outcomes: Sequence[Outcome]) -> None:
         rows = [
             (
                 s.request_id,

@@ -420,7 +420,7 @@ class ServicesStage(Stage):
 
         def write_statuses(outcomes: Sequence[Any]) -> None:
             t0 = time.perf_counter()
-            store.complete(outcomes)
+            store.write_outcomes(outcomes)
             status_time.append(time.perf_counter() - t0)
 
         pending: list[Future[None]] = []
@@ -453,8 +453,8 @@ class ServicesStage(Stage):
         store.close()
         return {
             "method": "PostgreSQL: the app's upsert and decision-log insert per batch (unnest"
-            " arrays, guard trigger on); DynamoDB: the app's DynamoStatusStore.complete per 25"
-            " (BatchGetItem + BatchWriteItem) on 8 threads, overlapped",
+            " arrays, guard trigger on); DynamoDB: the app's DynamoStatusStore.write_outcomes"
+            " per 25 (BatchGetItem + BatchWriteItem) on 8 threads, overlapped",
             "wall_s": wall,
             "trade_store_busy_s": round(pg_time, 3),
             "status_store_busy_s": round(sum(status_time), 3),
@@ -565,7 +565,7 @@ class EmbeddedStage(Stage):
 
         def write_statuses(outcomes: Sequence[Any]) -> None:
             t0 = time.perf_counter()
-            statuses.complete(outcomes)
+            statuses.write_outcomes(outcomes)
             status_time.append(time.perf_counter() - t0)
 
         started = time.perf_counter()
@@ -585,7 +585,7 @@ class EmbeddedStage(Stage):
         return {
             "method": "SQLite: the app's trade upsert and decision-log insert"
             " (adapters.sql.SQLITE; guard trigger on, WAL, synchronous=FULL) per batch in one"
-            " transaction; statuses through SqliteStatusStore.complete on a 2nd thread",
+            " transaction; statuses through SqliteStatusStore.write_outcomes on a 2nd thread",
             "wall_s": wall,
             "trade_store_busy_s": round(trade_time, 3),
             "status_store_busy_s": round(sum(status_time), 3),

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TypeGuard
+from typing import NamedTuple, TypeGuard
 
 import structlog
 from bytewax import operators as op
@@ -18,7 +17,7 @@ from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 
 from domain.deadline import appended_late, deadline_of
-from domain.decided import Decided
+from domain.decision import Decision, decide_in_order
 from domain.message import (
     MAX_ID_LENGTH,
     TradeMessage,
@@ -28,7 +27,7 @@ from domain.message import (
 )
 from domain.ports import DecisionStore, OutcomeWriter
 from domain.status import Outcome, RequestState
-from domain.trade import ReasonCode, decide, next_highest
+from domain.trade import ReasonCode
 from sinks.dead_letter import DeadLetter
 from sinks.retry import until_available
 from sinks.stores import DeadLetterStatusSink, TradeSink
@@ -37,12 +36,11 @@ from sources import RawRecord
 log = structlog.get_logger("dataflows.trades")
 
 
-@dataclass(frozen=True, slots=True)
-class WithHead:
-    """A message plus the store's highest version for its trade_id when it was looked up."""
+class WithHead(NamedTuple):
+    """A message and its trade_id's head (highest stored version) when it was looked up."""
 
     message: TradeMessage
-    stored_head: int | None
+    head: int | None
 
 
 def _header(record: RawRecord, name: str) -> str | None:
@@ -115,7 +113,7 @@ def dead_letter_outcome(letter: TradeMessage | DeadLetter) -> Outcome | None:
 
 
 class HeadLookup:
-    """Attaches the store's highest version to each message: one query per batch."""
+    """Attaches its trade_id's head to each message: one query per batch."""
 
     def __init__(self, trades: Callable[[], DecisionStore]) -> None:
         self._factory = trades
@@ -126,14 +124,14 @@ class HeadLookup:
             self._store = self._factory()
         store = self._store
         ids = {m.trade.trade_id for m in messages}
-        heads = until_available(lambda: store.highest_versions(ids), "trade store lookup")
+        heads = until_available(lambda: store.heads(ids), "trade store lookup")
         return [WithHead(m, heads.get(m.trade.trade_id)) for m in messages]
 
 
 KEY_SLOTS = 256
 
 
-def trade_key(item: WithHead) -> str:
+def key_slot(item: WithHead) -> str:
     """The key a message is routed by: one of ``KEY_SLOTS`` slots of its trade_id.
 
     Bytewax gives each key one worker and keeps each key's order, so every message of a
@@ -144,33 +142,18 @@ def trade_key(item: WithHead) -> str:
     return str(zlib.crc32(item.message.trade.trade_id.encode()) % KEY_SLOTS)
 
 
-def decide_in_order(items: list[WithHead]) -> list[Decided]:
-    """Messages decided in queue order, each against the highest version of its trade_id
-    stored or accepted before it."""
-    highest: dict[str, int | None] = {}
-    decided = []
-    for item in items:
-        trade = item.message.trade
-        before = highest.get(trade.trade_id)
-        known = item.stored_head if before is None else max(before, item.stored_head or 0)
-        decision = decide(known, trade, item.message.accepted_on)
-        highest[trade.trade_id] = next_highest(known, trade, decision)
-        decided.append(Decided(item.message, decision))
-    return decided
-
-
-class DecideInOrder(StatefulBatchLogic[WithHead, Decided, None]):
+class DecideInOrder(StatefulBatchLogic[WithHead, Decision, None]):
     """Decides one key's share of a batch and keeps nothing afterwards.
 
-    The store is the truth for a trade_id's highest version (looked up per batch). Keeping
+    The store is the truth for a trade_id's head (looked up per batch). Keeping
     no state between batches keeps the processor's memory and Bytewax's recovery snapshots
     independent of how many trade_ids it has seen. A message decided while an earlier,
     higher version is still on its way to the store ends FAILED as stale all the same: the
     store's guard refuses it, or, when both reach the store in one batch, the batch is
-    applied as if one by one in queue order (``apply_in_queue_order``).
+    applied as if one by one in queue order (``domain.use_cases.record_decisions``).
     """
 
-    def on_batch(self, values: list[WithHead]) -> tuple[list[Decided], bool]:
+    def on_batch(self, values: list[WithHead]) -> tuple[list[Decision], bool]:
         return decide_in_order(values), StatefulBatchLogic.DISCARD
 
     def snapshot(self) -> None:
@@ -196,7 +179,7 @@ def build_flow(
     op.output("dead-letter-status", failed, DeadLetterStatusSink(trades, statuses))
 
     with_heads = op.flat_map_batch("lookup-heads", split.trues, HeadLookup(trades))
-    keyed = op.key_on("by-trade-id", with_heads, trade_key)
+    keyed = op.key_on("by-trade-id", with_heads, key_slot)
     decided = op.stateful_batch("decide", keyed, lambda _resume: DecideInOrder())
     op.output("store", op.key_rm("unkey", decided), TradeSink(trades, statuses))
     return flow

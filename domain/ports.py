@@ -89,7 +89,7 @@ class DecisionStore(Protocol):
     """The processor's side of the trade store: heads to decide against, and one
     transaction per batch to record what was decided."""
 
-    def highest_versions(self, trade_ids: Collection[str]) -> dict[str, int]:
+    def heads(self, trade_ids: Collection[str]) -> dict[str, int]:
         """The highest stored version of each of ``trade_ids`` that has any row."""
         ...
 
@@ -129,7 +129,7 @@ class OutcomeWriter(Protocol):
     one; a rewrite of a terminal state is identical to the byte (its timestamps come from
     the decision log); a dead letter only moves a PENDING record to FAILED."""
 
-    def complete(self, outcomes: Sequence[Outcome]) -> None:
+    def write_outcomes(self, outcomes: Sequence[Outcome]) -> None:
         """Write logged outcomes: created when absent, over PENDING, never over a terminal
         state. ``updated_at`` is the outcome's ``decided_at``; expiry counts from it."""
         ...

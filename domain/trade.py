@@ -28,21 +28,11 @@ class Trade:
 
 
 @dataclass(frozen=True, slots=True)
-class Accepted:
-    """The version is to be stored: as a new row, or replacing the row of the same version."""
-
-    replaces: bool
-
-
-@dataclass(frozen=True, slots=True)
 class Rejected:
-    """The version must not be stored; ``code`` says why."""
+    """Why a version must not be stored: a machine-readable ``code`` and a sentence."""
 
     code: ReasonCode
     message: str
-
-
-Decision = Accepted | Rejected
 
 
 def maturity_passed(maturity_date: date, as_of: date) -> bool:
@@ -60,25 +50,23 @@ def check_maturity(trade: Trade, as_of: date) -> Rejected | None:
     return None
 
 
-def decide(highest_version: int | None, trade: Trade, as_of: date) -> Decision:
-    """Decide a submitted version against the highest version stored for its trade_id.
+def decide(head: int | None, trade: Trade, as_of: date) -> Rejected | None:
+    """The version rule: decide a submitted version against its trade_id's head (the
+    highest stored version, ``None`` when it has no row); ``None`` means store it.
 
-    Lower than stored is stale; equal replaces that row; higher (or first) is a new row.
+    Lower than the head is stale; equal replaces that row; higher (or first) is a new row.
     A maturity date before ``as_of`` (the business date the request was accepted) is rejected.
     """
-    if highest_version is not None and trade.version < highest_version:
+    if head is not None and trade.version < head:
         return Rejected(
             ReasonCode.STALE_VERSION,
-            f"version {trade.version} is lower than stored version {highest_version}",
+            f"version {trade.version} is lower than stored version {head}",
         )
-    matured = check_maturity(trade, as_of)
-    if matured is not None:
-        return matured
-    return Accepted(replaces=highest_version == trade.version)
+    return check_maturity(trade, as_of)
 
 
-def next_highest(highest_version: int | None, trade: Trade, decision: Decision) -> int | None:
-    """The highest stored version after ``decision`` has been applied."""
-    if isinstance(decision, Rejected):
-        return highest_version
-    return trade.version if highest_version is None else max(highest_version, trade.version)
+def head_after(head: int | None, trade: Trade, rejected: Rejected | None) -> int | None:
+    """The head once ``trade`` has been stored, or not (``rejected``)."""
+    if rejected is not None:
+        return head
+    return trade.version if head is None else max(head, trade.version)

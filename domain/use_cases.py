@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import date, datetime
 
-from domain.decided import Decided, decide_in_order, outcome_of
+from domain.decision import Decision, decide_in_order, outcome_of
 from domain.message import TradeMessage
 from domain.ports import DecisionLog, DecisionStore, Intake, StoredTrade, TradeFilter, TradeReader
 from domain.status import Outcome, RequestState, RequestStatus
@@ -46,7 +46,7 @@ async def accept(
 
 
 def record_decisions(
-    store: DecisionStore, decided: Sequence[Decided], now: datetime
+    store: DecisionStore, decisions: Sequence[Decision], now: datetime
 ) -> list[Outcome]:
     """Apply and log a batch of decisions in one transaction; one outcome per input, in order.
 
@@ -54,13 +54,13 @@ def record_decisions(
     replay after a crash changes nothing: neither the store nor, since the outcome and its
     ``decided_at`` come back from the log, any status written from it.
     """
-    if not decided:
+    if not decisions:
         return []
-    ids = [d.message.request_id for d in decided]
+    ids = [d.message.request_id for d in decisions]
     with store.transaction() as log:
         logged = log.logged(ids)
-        fresh: dict[str, Decided] = {}
-        for d in decided:
+        fresh: dict[str, Decision] = {}
+        for d in decisions:
             if d.message.request_id not in logged:
                 fresh.setdefault(d.message.request_id, d)
         outcomes = _apply_in_queue_order(log, list(fresh.values()), now)
@@ -70,14 +70,16 @@ def record_decisions(
     return [by_id[rid] for rid in ids]
 
 
-def _apply_in_queue_order(log: DecisionLog, decided: list[Decided], now: datetime) -> list[Outcome]:
+def _apply_in_queue_order(
+    log: DecisionLog, decisions: list[Decision], now: datetime
+) -> list[Outcome]:
     """Upsert a batch's accepted trades and tell each request's outcome, as applying them
     one by one in queue order would: the accepted ones are decided again among themselves
     (a version below one accepted earlier in the batch was decided before that one reached
     the store, so it ends stale), and the store's guard refuses any below its head."""
-    again = decide_in_order((d.message, None) for d in decided if d.accepted)
+    again = decide_in_order((d.message, None) for d in decisions if d.accepted)
     redecided = {d.message.request_id: d for d in again}
-    final = [redecided.get(d.message.request_id, d) for d in decided]
+    final = [redecided.get(d.message.request_id, d) for d in decisions]
     stored = log.upsert([d.message.trade for d in final if d.accepted])
     return [
         replace(

@@ -10,7 +10,7 @@ import structlog
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from config.clock import utc_now
-from domain.decided import Decided
+from domain.decision import Decision
 from domain.ports import DecisionStore, OutcomeWriter
 from domain.status import Outcome, RequestState
 from domain.use_cases import record_dead_letters, record_decisions
@@ -44,22 +44,22 @@ def log_outcomes(outcomes: list[Outcome], correlation: dict[str, str]) -> None:
 CHUNK = 1000
 
 
-class _TradePartition(StatelessSinkPartition[Decided]):
+class _TradePartition(StatelessSinkPartition[Decision]):
     def __init__(self, trades: DecisionStore, statuses: OutcomeWriter) -> None:
         self._trades = trades
         self._statuses = statuses
         self._status_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outcomes")
 
-    def _record(self, chunk: list[Decided]) -> list[Outcome]:
+    def _record(self, chunk: list[Decision]) -> list[Outcome]:
         return until_available(
             lambda: record_decisions(self._trades, chunk, utc_now()), "trade store"
         )
 
-    def _complete(self, chunk: list[Decided], outcomes: list[Outcome]) -> None:
-        until_available(lambda: self._statuses.complete(outcomes), "status store")
+    def _write_outcomes(self, chunk: list[Decision], outcomes: list[Outcome]) -> None:
+        until_available(lambda: self._statuses.write_outcomes(outcomes), "status store")
         log_outcomes(outcomes, {d.message.request_id: d.message.correlation_id for d in chunk})
 
-    def write_batch(self, items: list[Decided]) -> None:
+    def write_batch(self, items: list[Decision]) -> None:
         """Chunk by chunk: commit chunk n+1 while chunk n's outcomes are being written.
 
         Every outcome is written before this returns, so a recovery snapshot never covers a
@@ -72,7 +72,7 @@ class _TradePartition(StatelessSinkPartition[Decided]):
             # Only now, with the rows committed, may any request say SUCCESS.
             if in_flight is not None:
                 in_flight.result()
-            in_flight = self._status_writer.submit(self._complete, chunk, outcomes)
+            in_flight = self._status_writer.submit(self._write_outcomes, chunk, outcomes)
         if in_flight is not None:
             in_flight.result()
 
@@ -80,7 +80,7 @@ class _TradePartition(StatelessSinkPartition[Decided]):
         self._status_writer.shutdown(wait=True)
 
 
-class TradeSink(DynamicSink[Decided]):
+class TradeSink(DynamicSink[Decision]):
     """Commits a batch's accepted rows in one transaction, then writes every outcome.
 
     At-least-once; idempotent by request_id (the decision log) and by (trade_id, version)

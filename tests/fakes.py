@@ -32,7 +32,7 @@ class FakeTradeStore:
         if self.down:
             raise Unavailable("fake trade store is down")
 
-    def highest_versions(self, trade_ids: Collection[str]) -> dict[str, int]:
+    def heads(self, trade_ids: Collection[str]) -> dict[str, int]:
         self._check()
         with self._lock:
             self.lookups += 1
@@ -149,7 +149,7 @@ class FakeStatusStore:
             if self.items[request_id].state is RequestState.PENDING:
                 del self.items[request_id]
 
-    def complete(self, outcomes: Sequence[Outcome]) -> None:
+    def write_outcomes(self, outcomes: Sequence[Outcome]) -> None:
         self._check()
         with self._lock:
             for o in outcomes:

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from adapters.sqlite_file import write_once
 from adapters.sqlite_status import PUT_PENDING, SqliteStatusStore
-from domain.decided import Decided
+from domain.decision import Decision
 from domain.ports import DecisionStore
 from domain.status import Outcome, RequestStatus
 from domain.trade import Trade
@@ -72,7 +72,7 @@ def upsert(store: DecisionStore, trades: Sequence[Trade]) -> set[tuple[str, int]
         return log.upsert(trades)
 
 
-def record(store: DecisionStore, decided: Sequence[Decided]) -> list[Outcome]:
+def record(store: DecisionStore, decided: Sequence[Decision]) -> list[Outcome]:
     """The processor's use case, stamped now."""
     return record_decisions(store, decided, datetime.now(UTC))
 

@@ -77,13 +77,13 @@ def test_unseen_trade_ids_are_decided_against_the_store(pipeline: Pipeline, runn
     """Lost recovery state: the store is the truth for a trade_id the flow has not seen."""
     upsert(pipeline.trades, [Trade("T1", 3, "CP", "B", TODAY, TODAY)])
     looked_up: list[list[str]] = []
-    original = pipeline.trades.highest_versions
+    original = pipeline.trades.heads
 
     def spy(trade_ids: Collection[str]) -> dict[str, int]:
         looked_up.append(sorted(trade_ids))
         return original(trade_ids)
 
-    pipeline.trades.highest_versions = spy  # type: ignore[method-assign]
+    pipeline.trades.heads = spy  # type: ignore[method-assign]
     items = [record("r1", "T1", 2), record("r2", "T1", 3), record("r3", "T9", 1)]
     runner(pipeline.flow(items, batch_size=3))
     assert states(pipeline) == {
@@ -214,18 +214,18 @@ def test_crash_between_commit_and_status_then_replay(pipeline: Pipeline) -> None
     report what was decided the first time (the decision log), not re-decide against a
     store that already holds later versions."""
     items = [record("r1", "T1", 1), record("r2", "T1", 2), record("r3", "T1", 1)]
-    original = pipeline.statuses.complete
+    original = pipeline.statuses.write_outcomes
 
     def crash(_: object) -> None:
         raise RuntimeError("killed before the status write")
 
-    pipeline.statuses.complete = crash  # type: ignore[assignment,method-assign]
+    pipeline.statuses.write_outcomes = crash  # type: ignore[assignment,method-assign]
     with pytest.raises(RuntimeError):
         run_main(pipeline.flow(items, batch_size=3))
     assert sorted(pipeline.trades.rows) == [("T1", 1), ("T1", 2)]
     assert pipeline.statuses.items == {}
 
-    pipeline.statuses.complete = original  # type: ignore[method-assign]
+    pipeline.statuses.write_outcomes = original  # type: ignore[method-assign]
     run_main(pipeline.flow(items, batch_size=1))
     assert states(pipeline) == {
         "r1": ("SUCCESS", None),

@@ -102,7 +102,7 @@ def test_oversized_and_huge_reason_records_are_dead_lettered_once_and_the_flow_g
     processor = Processor(settings)
     try:
         ids = {m.trade.trade_id for m in behind}
-        wait_for(lambda: len(trade_store.highest_versions(ids)) == 3, 90, "the records behind")
+        wait_for(lambda: len(trade_store.heads(ids)) == 3, 90, "the records behind")
         letters = dead_letters(settings, len(poison))
         assert processor.proc.poll() is None, "the processor exited"
     finally:

@@ -15,10 +15,10 @@ import pytest
 from adapters.sql import SqlTradeStore, make_engine
 from config.clock import business_today
 from config.settings import Settings
-from domain.decided import Decided
+from domain.decision import Decision
 from domain.message import TradeMessage
 from domain.status import Outcome, RequestState
-from domain.trade import Accepted, ReasonCode, Rejected, Trade
+from domain.trade import ReasonCode, Rejected, Trade
 from tests.conftest import settings_env, unique
 from tests.fakes import FakeTradeStore
 from tests.support import record, record_failed
@@ -42,11 +42,10 @@ def store(
     return SqlTradeStore(make_engine(settings.trade_store_url))
 
 
-def decided(tid: str, version: int, rid: str | None = None, ok: bool = True) -> Decided:
+def decided(tid: str, version: int, rid: str | None = None, ok: bool = True) -> Decision:
     trade = Trade(tid, version, "CP-1", "B1", TODAY + timedelta(days=10), TODAY)
     message = TradeMessage(rid or unique("r"), "c", TODAY, datetime.now(UTC), trade)
-    decision = Accepted(replaces=False) if ok else Rejected(ReasonCode.MATURITY_PASSED, "old")
-    return Decided(message, decision)
+    return Decision(message, None if ok else Rejected(ReasonCode.MATURITY_PASSED, "old"))
 
 
 def dead_letter(rid: str) -> Outcome:

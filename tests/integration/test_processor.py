@@ -207,9 +207,9 @@ def test_restart_mid_stream_loses_nothing_and_lost_state_replays_cleanly(
     asyncio.run(publish(own, rounds))
 
     first = processors(own)
-    wait_for(lambda: trade_store.highest_versions(ids), 60, "some progress", every=0.01)
+    wait_for(lambda: trade_store.heads(ids), 60, "some progress", every=0.01)
     first.stop(signal.SIGKILL)
-    heads = trade_store.highest_versions(ids)
+    heads = trade_store.heads(ids)
     assert len(heads) < len(ids) or min(heads.values()) < 8, "killed too late to test a restart"
 
     second = processors(own)

@@ -104,7 +104,7 @@ async def test_lifecycle(store: StatusStore) -> None:
     assert got.state is RequestState.PENDING
     assert (got.trade_id, got.version) == ("T1", 3)
     outcome = logged(rid, accepted_at=accepted.created_at, decided_at=datetime.now(UTC))
-    store.complete([outcome])
+    store.write_outcomes([outcome])
     done = store.get(rid)
     assert done is not None
     assert done.state is RequestState.SUCCESS
@@ -116,19 +116,19 @@ async def test_a_terminal_rewrite_is_identical_to_the_byte(store: StatusStore) -
     rid = unique("r")
     await store.put_pending(pending(rid))
     outcome = logged(rid, RequestState.FAILED, ReasonCode.STALE_VERSION)
-    store.complete([outcome])
+    store.write_outcomes([outcome])
     first = raw(store, rid)
     await asyncio.sleep(0.01)  # a clock-stamped rewrite would differ now
-    store.complete([outcome])
+    store.write_outcomes([outcome])
     assert raw(store, rid) == first
 
 
 async def test_a_terminal_state_is_never_replaced_by_a_different_one(store: StatusStore) -> None:
     rid = unique("r")
     await store.put_pending(pending(rid))
-    store.complete([logged(rid)])
+    store.write_outcomes([logged(rid)])
     first = raw(store, rid)
-    store.complete([logged(rid, RequestState.FAILED, ReasonCode.STALE_VERSION)])
+    store.write_outcomes([logged(rid, RequestState.FAILED, ReasonCode.STALE_VERSION)])
     store.fail_pending([logged(rid, RequestState.FAILED, ReasonCode.INVALID_MESSAGE)])
     assert raw(store, rid) == first
     assert store.get(rid).state is RequestState.SUCCESS  # type: ignore[union-attr]
@@ -165,7 +165,7 @@ def test_outcome_without_pending_record(store: StatusStore) -> None:
     """A decided request whose PENDING record is gone (expired, or a rebuilt status store)
     still ends terminal and readable."""
     rid = unique("r")
-    store.complete([logged(rid, RequestState.FAILED, ReasonCode.STALE_VERSION)])
+    store.write_outcomes([logged(rid, RequestState.FAILED, ReasonCode.STALE_VERSION)])
     got = store.get(rid)
     assert got is not None
     assert got.state is RequestState.FAILED
@@ -176,7 +176,7 @@ async def test_withdraw_removes_only_pending(store: StatusStore) -> None:
     queued, unqueued = unique("r"), unique("r")
     await store.put_pending(pending(queued))
     await store.put_pending(pending(unqueued))
-    store.complete([logged(queued)])
+    store.write_outcomes([logged(queued)])
     await store.withdraw(unqueued)
     await store.withdraw(queued)
     assert store.get(unqueued) is None
@@ -188,9 +188,9 @@ async def test_withdraw_removes_only_pending(store: StatusStore) -> None:
 async def test_many_at_once(store: StatusStore) -> None:
     rids = [unique("r") for _ in range(130)]
     await asyncio.gather(*(store.put_pending(pending(r)) for r in rids))
-    store.complete([logged(r) for r in rids[:40]])
+    store.write_outcomes([logged(r) for r in rids[:40]])
     outcomes = [logged(r) for r in rids]
-    store.complete(outcomes + outcomes[:5])  # duplicates, and some already terminal
+    store.write_outcomes(outcomes + outcomes[:5])  # duplicates, and some already terminal
     assert all(store.get(r).state is RequestState.SUCCESS for r in rids)  # type: ignore[union-attr]
 
 
@@ -200,7 +200,7 @@ async def test_expired_records_are_hidden(store: StatusStore) -> None:
     assert store.get(rid) is None
     assert store.get(unique("absent")) is None
     old = unique("r")
-    store.complete([logged(old, decided_at=datetime.now(UTC) - timedelta(days=8))])
+    store.write_outcomes([logged(old, decided_at=datetime.now(UTC) - timedelta(days=8))])
     assert store.get(old) is None  # expiry counts from the logged decision
 
 

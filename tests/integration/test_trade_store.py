@@ -17,11 +17,11 @@ from sqlalchemy import text
 from adapters.sql import SqlTradeStore, make_engine
 from config.clock import business_today
 from config.settings import Settings
-from domain.decided import Decided
+from domain.decision import Decision
 from domain.message import TradeMessage
 from domain.ports import TradeFilter, Unavailable
 from domain.status import RequestState
-from domain.trade import Accepted, Trade
+from domain.trade import Trade
 from tests.conftest import settings_env, unique
 from tests.support import record, upsert, wait_for
 
@@ -70,7 +70,7 @@ def test_upsert_versions_and_replace(trade_store: SqlTradeStore) -> None:
     assert [(r.trade.version, r.trade.counterparty_id) for r in rows] == [(1, "CP-1"), (2, "CP-9")]
     assert rows[1].created_at == first[1].created_at
     assert rows[1].updated_at >= first[1].updated_at
-    assert trade_store.highest_versions([tid, "absent"]) == {tid: 2}
+    assert trade_store.heads([tid, "absent"]) == {tid: 2}
 
 
 def test_same_key_twice_in_one_batch_keeps_the_last(trade_store: SqlTradeStore) -> None:
@@ -85,9 +85,9 @@ def test_a_batch_is_applied_as_if_one_by_one_in_queue_order(trade_store: SqlTrad
     higher, must end FAILED as stale, not be stored because a batch writes in key order."""
     tid = unique("T")
 
-    def accepted(version: int) -> Decided:
+    def accepted(version: int) -> Decision:
         message = TradeMessage(unique("r"), "c", TODAY, datetime.now(UTC), trade(tid, version))
-        return Decided(message, Accepted(replaces=False))
+        return Decision(message)
 
     outcomes = record(trade_store, [accepted(3), accepted(2), accepted(3), accepted(4)])
     assert [(o.state, o.reason_code) for o in outcomes] == [

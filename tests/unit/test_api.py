@@ -211,7 +211,7 @@ def test_unknown_request_is_404(api: Api) -> None:
 
 def test_terminal_status_shows_reason(api: Api) -> None:
     rid = api.client.post("/api/v1/trades", json=body()).json()["request_id"]
-    api.statuses.complete(
+    api.statuses.write_outcomes(
         [
             Outcome(
                 rid,

@@ -8,14 +8,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from domain.trade import (
-    Accepted,
     ReasonCode,
     Rejected,
     Trade,
     check_maturity,
     decide,
+    head_after,
     maturity_passed,
-    next_highest,
 )
 
 TODAY = date(2026, 11, 28)
@@ -25,16 +24,16 @@ def trade(version: int, maturity: date = TODAY, trade_id: str = "T1") -> Trade:
     return Trade(trade_id, version, "CP-1", "B1", maturity, TODAY)
 
 
-def test_first_version_is_a_new_row() -> None:
-    assert decide(None, trade(1), TODAY) == Accepted(replaces=False)
+def test_first_version_is_stored() -> None:
+    assert decide(None, trade(1), TODAY) is None
 
 
-def test_higher_version_is_a_new_row() -> None:
-    assert decide(1, trade(2), TODAY) == Accepted(replaces=False)
+def test_higher_version_is_stored() -> None:
+    assert decide(1, trade(2), TODAY) is None
 
 
-def test_same_version_replaces() -> None:
-    assert decide(2, trade(2), TODAY) == Accepted(replaces=True)
+def test_same_version_is_stored_again() -> None:
+    assert decide(2, trade(2), TODAY) is None
 
 
 def test_lower_version_is_stale() -> None:
@@ -63,11 +62,12 @@ def test_stale_wins_over_maturity() -> None:
     assert decision.code is ReasonCode.STALE_VERSION
 
 
-def test_next_highest_keeps_head_on_rejection() -> None:
+def test_head_after_keeps_head_on_rejection() -> None:
     stale = trade(1)
-    assert next_highest(2, stale, decide(2, stale, TODAY)) == 2
-    assert next_highest(None, trade(3), Accepted(False)) == 3
-    assert next_highest(3, trade(3), Accepted(True)) == 3
+    assert head_after(2, stale, decide(2, stale, TODAY)) == 2
+    assert head_after(None, trade(3), None) == 3
+    assert head_after(3, trade(3), None) == 3
+    assert head_after(2, trade(3), None) == 3
 
 
 submission = st.tuples(st.integers(1, 6), st.integers(-3, 3))
@@ -100,9 +100,8 @@ def test_matches_reference_model(submissions: list[tuple[int, int]]) -> None:
     head: int | None = None
     for t in trades:
         decision = decide(head, t, TODAY)
-        head = next_highest(head, t, decision)
-        if isinstance(decision, Accepted):
-            assert decision.replaces == (t.version in stored)
+        head = head_after(head, t, decision)
+        if decision is None:
             stored[t.version] = t
             outcomes.append("SUCCESS")
         else:
