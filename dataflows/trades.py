@@ -17,6 +17,7 @@ from bytewax.dataflow import Dataflow, Stream
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 
+from adapters.retry import until_available
 from domain.deadline import appended_late, deadline_of
 from domain.decided import Decided
 from domain.message import (
@@ -30,7 +31,6 @@ from domain.ports import StatusStore, TradeStore
 from domain.status import Outcome, RequestState
 from domain.trade import ReasonCode, decide, next_highest
 from sinks.dead_letter import DeadLetter
-from sinks.retry import until_available
 from sinks.stores import DeadLetterStatusSink, TradeSink
 from sources import RawRecord
 

@@ -15,9 +15,9 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from adapters.kafka import dead_letter_producer_config
+from adapters.retry import until_available
 from adapters.sqlite import encode_headers, write_dead_letters
 from domain.ports import Unavailable
-from sinks.retry import until_available
 
 log = structlog.get_logger("sinks.dead_letter")
 

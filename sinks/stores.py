@@ -9,10 +9,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import structlog
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
+from adapters.retry import until_available
 from domain.decided import Decided
 from domain.ports import StatusStore, TradeStore
 from domain.status import Outcome, RequestState
-from sinks.retry import until_available
 
 log = structlog.get_logger("sinks")
 
