@@ -1,1 +1,2 @@
-"""One module per external system, each implementing a role from ``domain.ports``."""
+"""One module per external system, each implementing a role from ``domain.ports``; ``retry``
+waits out their outages."""

@@ -14,7 +14,7 @@ import sys
 import time
 from types import FrameType
 
-from cli.main import migrate
+from cli.migrate import migrate
 from config.settings import Settings
 
 STOP_TIMEOUT_S = 20
@@ -60,7 +60,10 @@ def run(settings: Settings, host: str, port: int) -> int:
         "TRADE_STORE_PORT": str(port),
     }
     command = [sys.executable, "-m", "cli.main"]
-    named = {name: subprocess.Popen([*command, name], env=env) for name in ("process", "serve")}  # noqa: S603
+    named = {  # migrated once, above: the children start on it
+        name: subprocess.Popen([*command, name, "--no-migrate"], env=env)  # noqa: S603
+        for name in ("process", "serve")
+    }
     children = list(named.values())
     stopping = False
 

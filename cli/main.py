@@ -12,30 +12,19 @@ from config.logs import configure_logging
 from config.settings import Settings, get_settings
 
 
-def migrate(settings: Settings) -> None:
-    """Bring the trade store to the latest schema and create the status store and queue."""
-    from alembic import command
-    from alembic.config import Config
+def _migrate_embedded(settings: Settings, args: argparse.Namespace) -> None:
+    """Zero set-up: the SQLite files migrate themselves, unless ``dev`` has done it for both
+    of its children already (``--no-migrate``)."""
+    if settings.embedded and not args.no_migrate:
+        from cli.migrate import migrate
 
-    import migrations
-    from adapters import wiring
-
-    if settings.embedded:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        wiring.inbound_log(settings).ensure_schema()  # refuses another partition count
-    config = Config()
-    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
-    config.set_main_option("sqlalchemy.url", settings.trade_store_url.replace("%", "%%"))
-    command.upgrade(config, "head")
-    print(f"trade store ({settings.profile}): migrated to head", file=sys.stderr)
-    print(f"status store: {wiring.prepare_status_store(settings)} ready", file=sys.stderr)
+        migrate(settings)
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
-    if settings.embedded:  # zero set-up: the SQLite files migrate themselves
-        migrate(settings)
+    _migrate_embedded(settings, args)
     uvicorn.run(
         "ingest_api.app:create_app",
         factory=True,
@@ -52,8 +41,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 def _process(settings: Settings, args: argparse.Namespace) -> int:
     from cli import processor
 
-    if settings.embedded:
-        migrate(settings)
+    _migrate_embedded(settings, args)
     if args.recovery_dir:
         settings = settings.model_copy(update={"recovery_dir": Path(args.recovery_dir)})
     processor.run(
@@ -66,6 +54,8 @@ def _process(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _migrate(settings: Settings, _: argparse.Namespace) -> int:
+    from cli.migrate import migrate
+
     migrate(settings)
     return 0
 
@@ -114,6 +104,12 @@ def parser() -> argparse.ArgumentParser:
         help="embedded: SQLite files only (default); services: Kafka, PostgreSQL, DynamoDB",
     )
     common.add_argument("--data-dir", help="folder of the embedded profile's files (./data)")
+    no_migrate = argparse.ArgumentParser(add_help=False)
+    no_migrate.add_argument(
+        "--no-migrate",
+        action="store_true",
+        help="embedded: do not migrate the SQLite files first (dev has already)",
+    )
 
     root = argparse.ArgumentParser(
         prog="trade-store",
@@ -121,21 +117,23 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = root.add_subparsers(dest="command", required=True)
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, parents=[common])
+    def command(
+        name: str, help_text: str, *parents: argparse.ArgumentParser
+    ) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, parents=[common, *parents])
 
     dev = command("dev", "run the API and the processor together (Ctrl-C stops both)")
     dev.add_argument("--host")
     dev.add_argument("--port", type=int)
     dev.set_defaults(handler=_dev)
 
-    serve = command("serve", "run the HTTP API (uvicorn)")
+    serve = command("serve", "run the HTTP API (uvicorn)", no_migrate)
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int, help="uvicorn worker processes")
     serve.set_defaults(handler=_serve)
 
-    process = command("process", "run the Bytewax dataflow and the expiry sweep")
+    process = command("process", "run the Bytewax dataflow and the expiry sweep", no_migrate)
     process.add_argument("--workers", type=int, help="Bytewax workers in this process")
     process.add_argument("--recovery-dir", help="Bytewax recovery partitions folder")
     process.add_argument("--process-id", type=int, help="this process's index in a cluster")

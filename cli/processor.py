@@ -30,8 +30,9 @@ from config.clock import business_today, utc_now
 from config.runtime import tune_gc
 from config.settings import Settings, get_settings
 from dataflows.trades import build_flow
+from domain.dead_letter import DeadLetter
 from domain.ports import TradeSweeps, Unavailable
-from sinks.dead_letter import DeadLetter, KafkaDeadLetterSink, SqliteDeadLetterSink
+from sinks.dead_letter import KafkaDeadLetterSink, SqliteDeadLetterSink
 from sources.kafka import kafka_inbound
 from sources.sqlite_log import SqliteLogSource, resume_positions
 

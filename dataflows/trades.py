@@ -1,4 +1,5 @@
-"""The trade dataflow: decode → look up heads → key by trade_id → decide → persist.
+"""The trade dataflow: decode → look up heads → key by trade_id → decide → persist; dead
+letters → their sink and their requests' FAILED statuses.
 
 Each step is a module-level function over plain values, so it is testable without the
 runtime; ``build_flow`` only wires them.
@@ -8,28 +9,21 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from typing import NamedTuple, TypeGuard
+from dataclasses import dataclass
+from typing import NamedTuple, TypeGuard, cast
 
 import structlog
 from bytewax import operators as op
-from bytewax.dataflow import Dataflow, Stream
+from bytewax.dataflow import Dataflow, Stream, operator
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 
+from adapters.retry import until_available
+from domain.dead_letter import DeadLetter, dead_letter_outcome
 from domain.deadline import appended_late, deadline_of
 from domain.decision import Decision, decide_in_order
-from domain.message import (
-    MAX_ID_LENGTH,
-    TradeMessage,
-    UndecodableMessage,
-    decode,
-    valid_id,
-)
+from domain.message import TradeMessage, UndecodableMessage, decode, request_id_of
 from domain.ports import DecisionStore, OutcomeWriter
-from domain.status import Outcome, RequestState
-from domain.trade import ReasonCode
-from sinks.dead_letter import DeadLetter
-from sinks.retry import until_available
 from sinks.stores import DeadLetterStatusSink, TradeSink
 from sources import RawRecord
 
@@ -57,12 +51,8 @@ def decode_record(record: RawRecord) -> TradeMessage | DeadLetter:
         return _dead_letter(record, late, None)  # answered 503 and withdrawn: no status
     try:
         return decode(record.value)
-    except UndecodableMessage:
-        pass
-    try:  # only an unusable body needs the headers, to name its request
-        return decode(record.value, _header(record, "request_id"))
-    except UndecodableMessage as exc:
-        return _dead_letter(record, exc.reason, exc.request_id)
+    except UndecodableMessage as exc:  # only now are the headers read, to name its request
+        return _dead_letter(record, exc.reason, request_id_of(exc, _header(record, "request_id")))
 
 
 def _dead_letter(record: RawRecord, reason: str, request_id: str | None) -> DeadLetter:
@@ -94,22 +84,21 @@ def is_message(item: TradeMessage | DeadLetter) -> TypeGuard[TradeMessage]:
     return isinstance(item, TradeMessage)
 
 
-def dead_letter_outcome(letter: TradeMessage | DeadLetter) -> Outcome | None:
-    """The FAILED outcome for a dead letter that names a request id the API could have
-    issued (its trade_id and version are the PENDING record's: the status store keeps
-    them; the log gets the record's key, cut to an id's length)."""
-    if not isinstance(letter, DeadLetter) or not valid_id(letter.request_id):
-        return None
-    assert letter.request_id is not None
-    key = letter.key.decode(errors="replace") if letter.key else ""
-    return Outcome(
-        request_id=letter.request_id,
-        trade_id=key[:MAX_ID_LENGTH],
-        version=0,  # unknown: the body could not be read
-        state=RequestState.FAILED,
-        reason_code=ReasonCode.INVALID_MESSAGE,
-        failure_reason=letter.reason,  # capped where it is made (UndecodableMessage)
-    )
+@dataclass(frozen=True)
+class Decoded:
+    """What ``decode_records`` returns, as Bytewax's Kafka operators return ``KafkaOpOut``:
+    a stream of what could be used and one of what could not."""
+
+    messages: Stream[TradeMessage]
+    dead_letters: Stream[DeadLetter]
+
+
+@operator
+def decode_records(step_id: str, up: Stream[RawRecord]) -> Decoded:
+    """Decode every record (``decode_record``), split into messages and dead letters."""
+    split = op.branch("split", op.map("decode", up, decode_record), is_message)
+    # A TypeGuard types only the trues; decode_record returns nothing else but dead letters.
+    return Decoded(split.trues, cast(Stream[DeadLetter], split.falses))
 
 
 class HeadLookup:
@@ -166,24 +155,20 @@ def build_flow(
     statuses: Callable[[], OutcomeWriter],
     dead_letters: Sink[DeadLetter],
 ) -> Dataflow:
-    """Wire the trade dataflow from a source and per-worker store factories."""
+    """Wire the trade dataflow from a source, store factories and a dead-letter sink.
+
+    Each sink builds its own stores per worker; the head lookup builds one trade store per
+    process, at its first batch, and the process's workers share it.
+    """
     flow = Dataflow("trades")
-    records = inbound(flow)
-    decoded = op.map("decode", records, decode_record)
-    split = op.branch("split-dead-letters", decoded, is_message)
+    decoded = decode_records("decode", inbound(flow))
 
-    op.output(
-        "dead-letter", op.filter_map("as-dead-letter", split.falses, _as_letter), dead_letters
-    )
-    failed = op.filter_map("dead-letter-outcome", split.falses, dead_letter_outcome)
-    op.output("dead-letter-status", failed, DeadLetterStatusSink(trades, statuses))
-
-    with_heads = op.flat_map_batch("lookup-heads", split.trues, HeadLookup(trades))
+    with_heads = op.flat_map_batch("lookup-heads", decoded.messages, HeadLookup(trades))
     keyed = op.key_on("by-trade-id", with_heads, key_slot)
     decided = op.stateful_batch("decide", keyed, lambda _resume: DecideInOrder())
     op.output("store", op.key_rm("unkey", decided), TradeSink(trades, statuses))
+
+    op.output("dead-letter", decoded.dead_letters, dead_letters)
+    failed = op.filter_map("dead-letter-outcome", decoded.dead_letters, dead_letter_outcome)
+    op.output("dead-letter-status", failed, DeadLetterStatusSink(trades, statuses))
     return flow
-
-
-def _as_letter(item: TradeMessage | DeadLetter) -> DeadLetter | None:
-    return item if isinstance(item, DeadLetter) else None

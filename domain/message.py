@@ -32,7 +32,8 @@ class TradeMessage:
 
 
 class UndecodableMessage(ValueError):
-    """A queued message that cannot become a TradeMessage; ``request_id`` when it was readable.
+    """A queued message that cannot become a TradeMessage; ``request_id`` when its body named
+    a valid one.
 
     The reason is capped at ``MAX_REASON_CHARS``: it travels into a status record (DynamoDB
     items are limited to 400 KB) and a Kafka header, so input must never make it unbounded.
@@ -113,28 +114,23 @@ def _date(obj: dict[str, Any], name: str, request_id: str | None) -> date:
         raise UndecodableMessage(f"invalid date in {name!r}", request_id) from None
 
 
-def decode(value: bytes | None, request_id_hint: str | None = None) -> TradeMessage:
-    """Parse and validate a queued value, raising UndecodableMessage with the reason.
-
-    ``request_id_hint`` (from the message headers) names the request when the body is
-    unreadable; only a valid id counts, so a forged header cannot name an unbounded one.
-    """
-    if not valid_id(request_id_hint):
-        request_id_hint = None
+def decode(value: bytes | None) -> TradeMessage:
+    """Parse and validate a queued value, raising UndecodableMessage with the reason and,
+    once the body has named a valid one, its request id (see ``request_id_of``)."""
     try:
         # str, not bytes: json.loads would first sniff a bytes value's encoding
         obj = json.loads(value.decode()) if value is not None else None
     except (ValueError, RecursionError):  # bad UTF-8 or JSON, too deep, an int too long
-        raise UndecodableMessage("value is not JSON", request_id_hint) from None
+        raise UndecodableMessage("value is not JSON") from None
     if not isinstance(obj, dict):
-        raise UndecodableMessage("value is not a JSON object", request_id_hint)
+        raise UndecodableMessage("value is not a JSON object")
     request_id = obj.get("request_id")
-    rid = request_id if valid_id(request_id) else request_id_hint
+    rid = request_id if valid_id(request_id) else None
     if obj.get("schema_version") != SCHEMA_VERSION:
         version = quoted(obj.get("schema_version"))
         raise UndecodableMessage(f"unsupported schema_version {version}", rid)
-    if rid is None or rid != request_id:
-        raise UndecodableMessage("invalid 'request_id'", rid)
+    if rid is None:
+        raise UndecodableMessage("invalid 'request_id'")
     trade = _field(obj, "trade", rid)
     if not isinstance(trade, dict):
         raise UndecodableMessage("'trade' is not an object", rid)
@@ -160,3 +156,12 @@ def decode(value: bytes | None, request_id_hint: str | None = None) -> TradeMess
             created_date=_date(trade, "created_date", rid),
         ),
     )
+
+
+def request_id_of(refused: UndecodableMessage, header: str | None) -> str | None:
+    """The request a refused value belongs to: the one its body named or, when the body
+    named none, its ``request_id`` header's. Only a valid id counts, so a forged header
+    cannot name an unbounded one."""
+    if refused.request_id is not None:
+        return refused.request_id
+    return header if valid_id(header) else None

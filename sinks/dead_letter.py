@@ -1,4 +1,4 @@
-"""Dead-letter sinks: messages the dataflow cannot decode, kept with the reason.
+"""Dead-letter sinks: where ``domain.dead_letter.DeadLetter`` values are kept.
 
 The Kafka topic in the services profile, a table of the log file when embedded. A dead
 letter is never dropped: one too large for the topic is cut down to fit and marked.
@@ -7,7 +7,6 @@ letter is never dropped: one too large for the topic is cut down to fit and mark
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
@@ -16,74 +15,14 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from adapters.inbound_log import encode_headers, write_dead_letters
 from adapters.kafka import dead_letter_producer_config
+from adapters.retry import until_available
+from domain.dead_letter import DeadLetter
 from domain.ports import Unavailable
-from sinks.retry import until_available
 
 log = structlog.get_logger("sinks.dead_letter")
 
-# Kafka Connect's names for where a dead letter came from (DeadLetterQueueReporter).
-TOPIC_HEADER = "__connect.errors.topic"
-PARTITION_HEADER = "__connect.errors.partition"
-OFFSET_HEADER = "__connect.errors.offset"
 OWN_HEADER_ROOM = 4096
 """Bytes kept free for the headers a dead letter adds (the reason is at most 512 characters)."""
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """An undecodable queued message: the original bytes plus why it was refused and where
-    it was read from; ``original_size`` is set once it has been cut down to fit."""
-
-    reason: str
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
-    request_id: str | None = None
-    correlation_id: str | None = None
-    topic: str | None = None
-    partition: int | None = None
-    offset: int | None = None
-    original_size: int | None = None
-
-    def kafka_headers(self) -> list[tuple[str, str | bytes | None]]:
-        """The original headers plus ``dlq_reason`` and the source's topic, partition and
-        offset, so the record can be found, fixed and replayed; a cut one says so."""
-        added = [("dlq_reason", self.reason)]
-        for name, value in (
-            (TOPIC_HEADER, self.topic),
-            (PARTITION_HEADER, self.partition),
-            (OFFSET_HEADER, self.offset),
-        ):
-            if value is not None:
-                added.append((name, str(value)))
-        if self.original_size is not None:
-            added += [("dlq_truncated", "true"), ("dlq_original_size", str(self.original_size))]
-        return [*self.headers, *((name, value.encode()) for name, value in added)]
-
-    def size(self) -> int:
-        """Bytes of its key, value and original headers: what a cut can shrink."""
-        headers = sum(len(name) + len(value or b"") for name, value in self.headers)
-        return len(self.key or b"") + len(self.value or b"") + headers
-
-    def cut_to(self, limit: int) -> DeadLetter:
-        """At most ``limit`` bytes of key, original headers and value (in that order of
-        priority), marked with the size it had before any cut."""
-        key = None if self.key is None else self.key[:limit]
-        room = limit - len(key or b"")
-        headers = []
-        for name, value in self.headers:
-            need = len(name) + len(value or b"")
-            if need > room:
-                break
-            headers.append((name, value))
-            room -= need
-        return replace(
-            self,
-            key=key,
-            value=None if self.value is None else self.value[:room],
-            headers=headers,
-            original_size=self.original_size or self.size(),
-        )
 
 
 def _too_large(err: KafkaError) -> bool:

@@ -9,12 +9,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import structlog
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
+from adapters.retry import until_available
 from config.clock import utc_now
 from domain.decision import Decision
 from domain.ports import DecisionStore, OutcomeWriter
 from domain.status import Outcome, RequestState
 from domain.use_cases import record_dead_letters, record_decisions
-from sinks.retry import until_available
 
 log = structlog.get_logger("sinks")
 

@@ -14,7 +14,7 @@ import httpx
 from config.clock import business_today
 from config.settings import Settings
 from tests.conftest import settings_env
-from tests.support import free_port, start, stop, wait_for
+from tests.support import LOGS, free_port, start, stop, wait_for
 
 
 def healthy(client: httpx.Client) -> bool:
@@ -66,6 +66,36 @@ def test_restart_keeps_trades_and_statuses(tmp_path: Path) -> None:
     finally:
         assert stop(second, signal.SIGTERM) == 0
         client.close()
+
+
+MIGRATED = "trade store (embedded): migrated to head"
+
+
+def migrations_until_ready(name: str, command: str, tmp_path: Path, ready: str) -> int:
+    """Start embedded ``command`` until the API answers and ``ready`` is logged, then stop
+    it; how many times it (and its children, whose output is its own) migrated."""
+    settings = Settings(profile="embedded", data_dir=tmp_path / "data", port=free_port())
+    client = httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=10)
+    log = LOGS / f"{name}.log"
+    log.unlink(missing_ok=True)
+    proc = start(name, [command], settings_env(settings))
+    try:
+        wait_for(lambda: healthy(client), 60, "API healthy")
+        wait_for(lambda: ready in log.read_text(), 60, ready)
+    finally:
+        stop(proc)
+        client.close()
+    return log.read_text().count(MIGRATED)
+
+
+def test_dev_migrates_once_for_both_children(tmp_path: Path) -> None:
+    """dev migrates, then starts the API and the processor on it: they do not migrate again."""
+    assert migrations_until_ready("dev-migrates-once", "dev", tmp_path, "processor started") == 1
+
+
+def test_a_child_started_alone_still_migrates(tmp_path: Path) -> None:
+    """Without dev, embedded serve migrates its files itself (process runs the same code)."""
+    assert migrations_until_ready("serve-alone", "serve", tmp_path, MIGRATED) == 1
 
 
 def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:

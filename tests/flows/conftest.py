@@ -13,9 +13,9 @@ from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 
 from dataflows.trades import build_flow
+from domain.dead_letter import DeadLetter
 from domain.message import TradeMessage, encode
 from domain.trade import Trade
-from sinks.dead_letter import DeadLetter
 from tests.fakes import FakeStatusStore, FakeTradeStore
 
 TODAY = date(2026, 11, 28)

@@ -1,4 +1,4 @@
-"""Recording decisions: one algorithm (domain.decided) on PostgreSQL, SQLite and the fake.
+"""Recording decisions: one algorithm (domain.use_cases) on PostgreSQL, SQLite and the fake.
 
 The same tests run on every implementation, so the fake the flow tests use cannot drift
 from the stores the processor uses.

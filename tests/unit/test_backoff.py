@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import pytest
 
+from adapters.retry import until_available
 from domain.ports import Unavailable
-from sinks.retry import until_available
 
 
 def failing(times: int, error: Exception) -> tuple[list[int], Callable[[], str]]:

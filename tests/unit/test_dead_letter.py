@@ -7,7 +7,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 
-from sinks.dead_letter import OWN_HEADER_ROOM, DeadLetter, _KafkaDeadLetterPartition
+from domain.dead_letter import DeadLetter
+from sinks.dead_letter import OWN_HEADER_ROOM, _KafkaDeadLetterPartition
 
 LIMIT = 10_000
 

@@ -7,7 +7,8 @@ from datetime import UTC, date, datetime
 from bytewax.connectors.kafka import KafkaSourceMessage
 
 from adapters.kafka import delivery_error, headers_of, producer_config
-from dataflows.trades import dead_letter_outcome, decode_record
+from dataflows.trades import decode_record
+from domain.dead_letter import DeadLetter, dead_letter_outcome
 from domain.deadline import (
     DEADLINE_HEADER,
     LOG_APPEND_TIME,
@@ -18,7 +19,6 @@ from domain.deadline import (
 from domain.message import TradeMessage, decode, encode
 from domain.ports import Unavailable
 from domain.trade import Trade
-from sinks.dead_letter import DeadLetter
 
 CREATE_TIME = 1
 ACCEPTED = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)

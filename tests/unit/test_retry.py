@@ -10,8 +10,8 @@ import pytest
 import structlog
 from structlog.testing import LogCapture
 
+from adapters.retry import Watchdog, until_available
 from domain.ports import Unavailable
-from sinks.retry import Watchdog, until_available
 
 
 class Clock:
@@ -28,7 +28,7 @@ class Clock:
 @pytest.fixture
 def cap(monkeypatch: pytest.MonkeyPatch) -> LogCapture:
     cap = LogCapture()
-    monkeypatch.setattr("sinks.retry.log", structlog.wrap_logger(None, processors=[cap]))
+    monkeypatch.setattr("adapters.retry.log", structlog.wrap_logger(None, processors=[cap]))
     return cap
 
 

@@ -21,7 +21,7 @@ import structlog
 from domain.ports import Unavailable
 
 T = TypeVar("T")
-log = structlog.get_logger("sinks")
+log = structlog.get_logger("adapters.retry")
 
 LOG_EVERY_S = 10.0
 BLOCKED_AFTER_S = 5.0

@@ -1,0 +1,29 @@
+"""``trade-store migrate``, in a module of its own: ``cli.main`` and ``cli.dev`` both run it,
+so ``cli.dev`` need not import ``cli.main``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+
+import migrations
+from adapters import wiring
+from config.settings import Settings
+
+
+def migrate(settings: Settings) -> None:
+    """Bring the trade store to the latest schema and create the status store; embedded, the
+    inbound log (the queue) too. The services profile's topics are made by ``topics create``
+    or the API's and the processor's first start."""
+    if settings.embedded:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        wiring.inbound_log(settings).ensure_schema()  # refuses another partition count
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.set_main_option("sqlalchemy.url", settings.trade_store_url.replace("%", "%%"))
+    command.upgrade(config, "head")
+    print(f"trade store ({settings.profile}): migrated to head", file=sys.stderr)
+    print(f"status store: {wiring.prepare_status_store(settings)} ready", file=sys.stderr)
