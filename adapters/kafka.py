@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from functools import partial
 from typing import Any
 
@@ -179,7 +180,7 @@ def ensure_topics(
     sources = {name: parts for name, parts in topics.items() if name not in sized}
     created = _create(admin, sources, replication_factor, existing, configs or {}, timeout_s)
     if sized:
-        limits = _max_message_bytes(admin, {*sized.values(), *(set(sized) & existing)}, timeout_s)
+        limits = max_message_bytes(admin, {*sized.values(), *(set(sized) & existing)}, timeout_s)
         wanted = {dlq: limits[source] + HEADER_ROOM for dlq, source in sized.items()}
         _raise_limits(
             admin, {d: n for d, n in wanted.items() if d in existing and limits[d] < n}, timeout_s
@@ -224,14 +225,30 @@ def _create(
     return created
 
 
-def _max_message_bytes(admin: AdminClient, topics: set[str], timeout_s: float) -> dict[str, int]:
-    """Each topic's effective ``max.message.bytes`` (its own or the broker's default)."""
-    resources = [ConfigResource(ResourceType.TOPIC, name) for name in topics]
-    described = admin.describe_configs(resources, request_timeout=timeout_s)
-    return {
-        resource.name: int(future.result()["max.message.bytes"].value)
-        for resource, future in described.items()
-    }
+NEW_TOPIC_POLL_S = 0.2
+
+
+def max_message_bytes(admin: AdminClient, topics: set[str], timeout_s: float) -> dict[str, int]:
+    """Each topic's effective ``max.message.bytes`` (its own or the broker's default).
+
+    A topic created a moment ago may not be known yet to the broker that answers (KRaft
+    spreads new topics' metadata asynchronously): that answer is asked again, within
+    ``timeout_s``, instead of failing the start.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        resources = [ConfigResource(ResourceType.TOPIC, name) for name in topics]
+        described = admin.describe_configs(resources, request_timeout=timeout_s)
+        try:
+            return {
+                resource.name: int(future.result()["max.message.bytes"].value)
+                for resource, future in described.items()
+            }
+        except KafkaException as exc:
+            unknown = exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+            if not unknown or time.monotonic() >= deadline:
+                raise
+            time.sleep(NEW_TOPIC_POLL_S)
 
 
 def _raise_limits(admin: AdminClient, limits: dict[str, int], timeout_s: float) -> None:
@@ -261,7 +278,7 @@ def dead_letter_producer_config(bootstrap: str, topic: str, timeout_ms: int) -> 
     """
     admin = _admin(bootstrap)
     try:
-        limit = _max_message_bytes(admin, {topic}, timeout_ms / 1000)[topic]
+        limit = max_message_bytes(admin, {topic}, timeout_ms / 1000)[topic]
     except KafkaException as exc:
         raise Unavailable(f"cannot read the limit of {topic}: {exc}") from exc
     return producer_config(bootstrap, timeout_ms, linger_ms=5) | {

@@ -9,9 +9,9 @@ import uuid
 from pathlib import Path
 
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType  # type: ignore[attr-defined]
+from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
-from adapters.kafka import HEADER_ROOM, ensure_topics
+from adapters.kafka import HEADER_ROOM, ensure_topics, max_message_bytes
 from adapters.sql import SqlTradeStore
 from config.settings import Settings
 from domain.message import MAX_REASON_CHARS, encode
@@ -22,11 +22,9 @@ from tests.support import wait_for
 BROKER_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588  # message.max.bytes of a broker left as shipped
 
 
-def max_message_bytes(settings: Settings, topic: str) -> int:
+def topic_limit(settings: Settings, topic: str) -> int:
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
-    resource = ConfigResource(ResourceType.TOPIC, topic)
-    configs = admin.describe_configs([resource])[resource].result(timeout=15)
-    return int(configs["max.message.bytes"].value)
+    return max_message_bytes(admin, {topic}, 15)[topic]
 
 
 def dead_letters(settings: Settings, wanted: int) -> list[Message]:
@@ -62,7 +60,7 @@ def test_oversized_and_huge_reason_records_are_dead_lettered_once_and_the_flow_g
     bootstrap = settings.kafka_bootstrap_servers
     # The topics as an earlier version created them: the DLQ with the broker's default limit.
     ensure_topics(bootstrap, {settings.inbound_topic: 2, settings.dlq_topic: 1}, 1)
-    assert max_message_bytes(settings, settings.dlq_topic) == BROKER_DEFAULT_MAX_MESSAGE_BYTES
+    assert topic_limit(settings, settings.dlq_topic) == BROKER_DEFAULT_MAX_MESSAGE_BYTES
 
     # Straight to the inbound topic, as a console producer with max.request.size raised would.
     producer = Producer(
@@ -107,7 +105,7 @@ def test_oversized_and_huge_reason_records_are_dead_lettered_once_and_the_flow_g
         assert processor.proc.poll() is None, "the processor exited"
     finally:
         processor.stop()
-    assert max_message_bytes(settings, settings.dlq_topic) == (
+    assert topic_limit(settings, settings.dlq_topic) == (
         BROKER_DEFAULT_MAX_MESSAGE_BYTES + HEADER_ROOM
     )
     by_name = {dict(m.headers())["poison"].decode(): m for m in letters}
