@@ -27,8 +27,7 @@ from adapters.dynamodb_wire import (
 )
 from config.clock import utc_now
 from domain.ports import Unavailable
-from domain.status import Outcome, RequestState, RequestStatus
-from domain.trade import ReasonCode
+from domain.status import Outcome, ReasonCode, RequestState, RequestStatus
 
 log = structlog.get_logger("adapters")
 

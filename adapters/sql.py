@@ -37,8 +37,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from adapters.sqlite_file import DELETE_CHUNK, PRAGMAS
 from adapters.tables import request_outcomes, trades
 from domain.ports import DecisionLog, StoredTrade, TradeFilter, Unavailable
-from domain.status import Outcome, RequestState
-from domain.trade import ReasonCode, Trade
+from domain.status import Outcome, ReasonCode, RequestState
+from domain.trade import Trade
 
 T = TypeVar("T")
 

@@ -16,8 +16,7 @@ from pathlib import Path
 from adapters.sqlite_file import Params, Writer, connect, delete_in_chunks, writer_of
 from config.clock import utc_now
 from domain.ports import Unavailable
-from domain.status import Outcome, RequestState, RequestStatus
-from domain.trade import ReasonCode
+from domain.status import Outcome, ReasonCode, RequestState, RequestStatus
 
 STATUS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS request_status (

@@ -238,8 +238,7 @@ def dynamo_client() -> Any:
 
 def _outcome(t: TerminalRow, decided_at: datetime) -> Any:
     """The row as the decision log hands an outcome to the status store."""
-    from domain.status import Outcome, RequestState
-    from domain.trade import ReasonCode
+    from domain.status import Outcome, ReasonCode, RequestState
 
     return Outcome(
         t.request_id,
@@ -525,8 +524,8 @@ class EmbeddedStage(Stage):
         from adapters.sql import SQLITE, make_engine
         from adapters.sqlite_status import SqliteStatusStore
         from config.clock import utc_now
-        from domain.status import Outcome, RequestState
-        from domain.trade import ReasonCode, Trade
+        from domain.status import Outcome, ReasonCode, RequestState
+        from domain.trade import Trade
 
         logged_at = utc_now()
         work = [

@@ -21,9 +21,9 @@ from bytewax.outputs import Sink
 from adapters.retry import until_available
 from domain.dead_letter import DeadLetter, dead_letter_outcome
 from domain.deadline import appended_late, deadline_of
-from domain.decision import Decision, decide_in_order
 from domain.message import TradeMessage, UndecodableMessage, decode, request_id_of
 from domain.ports import DecisionStore, OutcomeWriter
+from domain.trade import Decision, decide_in_order
 from sinks.stores import DeadLetterStatusSink, TradeSink
 from sources import RawRecord
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from domain.message import MAX_ID_LENGTH, valid_id
-from domain.status import Outcome, RequestState
-from domain.trade import ReasonCode
+from domain.status import Outcome, ReasonCode, RequestState
 
 # Kafka Connect's names for where a dead letter came from (DeadLetterQueueReporter).
 TOPIC_HEADER = "__connect.errors.topic"

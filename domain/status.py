@@ -6,7 +6,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
-from domain.trade import ReasonCode
+
+class ReasonCode(StrEnum):
+    """Why a request ended FAILED; machine-readable, stable across releases."""
+
+    STALE_VERSION = "STALE_VERSION"
+    MATURITY_PASSED = "MATURITY_PASSED"
+    INVALID_MESSAGE = "INVALID_MESSAGE"
 
 
 class RequestState(StrEnum):

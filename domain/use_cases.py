@@ -10,11 +10,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import date, datetime
 
-from domain.decision import Decision, decide_in_order, outcome_of
 from domain.message import TradeMessage
 from domain.ports import DecisionLog, DecisionStore, Intake, StoredTrade, TradeFilter, TradeReader
-from domain.status import Outcome, RequestState, RequestStatus
-from domain.trade import ReasonCode, Rejected, Trade, check_maturity
+from domain.status import Outcome, ReasonCode, RequestState, RequestStatus
+from domain.trade import Decision, Rejected, Trade, check_maturity, decide_in_order, outcome_of
 
 
 async def accept(

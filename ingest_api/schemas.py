@@ -18,8 +18,8 @@ from pydantic import (
 
 from domain.message import MAX_ID_LENGTH, MAX_VERSION
 from domain.ports import StoredTrade
-from domain.status import RequestState, RequestStatus
-from domain.trade import ReasonCode, Trade
+from domain.status import ReasonCode, RequestState, RequestStatus
+from domain.trade import Trade
 
 
 def _printable(value: str) -> str:

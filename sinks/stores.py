@@ -11,9 +11,9 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from adapters.retry import until_available
 from config.clock import utc_now
-from domain.decision import Decision
 from domain.ports import DecisionStore, OutcomeWriter
 from domain.status import Outcome, RequestState
+from domain.trade import Decision
 from domain.use_cases import record_dead_letters, record_decisions
 
 log = structlog.get_logger("sinks")

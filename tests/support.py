@@ -15,10 +15,9 @@ from typing import TypeVar
 
 from adapters.sqlite_file import write_once
 from adapters.sqlite_status import PUT_PENDING, SqliteStatusStore
-from domain.decision import Decision
 from domain.ports import DecisionStore
 from domain.status import Outcome, RequestStatus
-from domain.trade import Trade
+from domain.trade import Decision, Trade
 from domain.use_cases import record_dead_letters, record_decisions
 
 T = TypeVar("T")

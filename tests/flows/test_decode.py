@@ -13,7 +13,7 @@ import dataflows.trades
 from dataflows.trades import Decoded, build_flow, decode_record, decode_records
 from domain.dead_letter import DeadLetter
 from domain.message import TradeMessage, decode
-from domain.ports import TradeStore
+from domain.ports import DecisionStore
 from tests.flows.conftest import Pipeline, Record, record
 
 
@@ -79,7 +79,7 @@ def test_sinks_build_stores_per_worker_the_head_lookup_once_per_process() -> Non
     pipeline = Pipeline()
     built: list[int] = []
 
-    def trades() -> TradeStore:
+    def trades() -> DecisionStore:
         built.append(threading.get_ident())
         return pipeline.trades
 

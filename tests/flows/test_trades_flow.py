@@ -15,8 +15,8 @@ from bytewax.testing import TestingSource, run_main
 from dataflows.trades import KEY_SLOTS, WithHead, decide_in_order
 from domain.message import decode
 from domain.ports import Unavailable
-from domain.status import RequestState, RequestStatus
-from domain.trade import ReasonCode, Trade
+from domain.status import ReasonCode, RequestState, RequestStatus
+from domain.trade import Trade
 from tests.fakes import FakeDecisionLog
 from tests.flows.conftest import TODAY, Pipeline, Record, Runner, record
 from tests.support import upsert

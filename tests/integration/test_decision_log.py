@@ -15,10 +15,9 @@ import pytest
 from adapters.sql import SqlTradeStore, make_engine
 from config.clock import business_today
 from config.settings import Settings
-from domain.decision import Decision
 from domain.message import TradeMessage
-from domain.status import Outcome, RequestState
-from domain.trade import ReasonCode, Rejected, Trade
+from domain.status import Outcome, ReasonCode, RequestState
+from domain.trade import Decision, Rejected, Trade
 from tests.conftest import settings_env, unique
 from tests.fakes import FakeTradeStore
 from tests.support import record, record_failed

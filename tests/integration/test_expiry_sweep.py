@@ -10,7 +10,7 @@ import pytest
 from adapters import wiring
 from adapters.sql import SqlTradeStore
 from cli import processor
-from cli.main import migrate
+from cli.migrate import migrate
 from cli.processor import ExpirySweeper
 from config.settings import Settings
 from domain.ports import Unavailable

@@ -22,8 +22,7 @@ from adapters.dynamodb import DynamoStatusStore, make_client
 from adapters.sqlite_status import SqliteStatusStore
 from config.settings import Settings
 from domain.ports import OutcomeWriter, PendingWriter, StatusReader, Unavailable
-from domain.status import Outcome, RequestState, RequestStatus
-from domain.trade import ReasonCode
+from domain.status import Outcome, ReasonCode, RequestState, RequestStatus
 from tests.conftest import unique
 from tests.fakes import FakeStatusStore
 from tests.support import write_pending

@@ -17,11 +17,10 @@ from sqlalchemy import text
 from adapters.sql import SqlTradeStore, make_engine
 from config.clock import business_today
 from config.settings import Settings
-from domain.decision import Decision
 from domain.message import TradeMessage
 from domain.ports import TradeFilter, Unavailable
 from domain.status import RequestState
-from domain.trade import Trade
+from domain.trade import Decision, Trade
 from tests.conftest import settings_env, unique
 from tests.support import record, upsert, wait_for
 

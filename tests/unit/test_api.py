@@ -19,8 +19,8 @@ from config.clock import business_today
 from config.settings import Settings
 from domain.message import TradeMessage
 from domain.ports import Unavailable
-from domain.status import Outcome, RequestState, RequestStatus
-from domain.trade import ReasonCode, Trade
+from domain.status import Outcome, ReasonCode, RequestState, RequestStatus
+from domain.trade import Trade
 from ingest_api.app import create_app
 from ingest_api.problems import dependency_of
 from tests.fakes import FakeQueue, FakeStatusStore, FakeTradeStore

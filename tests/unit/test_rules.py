@@ -7,15 +7,8 @@ from datetime import date, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain.trade import (
-    ReasonCode,
-    Rejected,
-    Trade,
-    check_maturity,
-    decide,
-    head_after,
-    maturity_passed,
-)
+from domain.status import ReasonCode
+from domain.trade import Rejected, Trade, check_maturity, decide, head_after, maturity_passed
 
 TODAY = date(2026, 11, 28)
 

@@ -8,8 +8,7 @@ import pytest
 import structlog
 from structlog.testing import LogCapture
 
-from domain.status import Outcome, RequestState
-from domain.trade import ReasonCode
+from domain.status import Outcome, ReasonCode, RequestState
 from sinks.stores import log_outcomes
 
 OUTCOMES = [
