@@ -75,9 +75,9 @@ class Batcher(Generic[T]):
             del self._queued[: self._max_batch]
             self._in_flight += 1
             written = loop.create_task(self._write([i for i, _ in batch]))
-            written.add_done_callback(partial(self._settle, loop, batch))
+            written.add_done_callback(partial(self._batch_written, loop, batch))
 
-    def _settle(
+    def _batch_written(
         self, loop: asyncio.AbstractEventLoop, batch: Pending[T], written: asyncio.Task[None]
     ) -> None:
         self._in_flight -= 1

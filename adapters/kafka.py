@@ -54,7 +54,8 @@ def producer_config(bootstrap: str, timeout_ms: int, linger_ms: int) -> dict[str
 Report = tuple[asyncio.Future[None], Unavailable | None]
 
 
-def _settle(reports: list[Report]) -> None:
+def _resolve_reports(reports: list[Report]) -> None:
+    """On the futures' own loop: each caller learns its delivery report."""
     for acked, failed in reports:
         resolve(acked, failed)
 
@@ -113,7 +114,7 @@ class KafkaTradeQueue:
                     by_loop.setdefault(report[0].get_loop(), []).append(report)
                 for loop, settled in by_loop.items():
                     with contextlib.suppress(RuntimeError):  # that loop has closed
-                        loop.call_soon_threadsafe(_settle, settled)
+                        loop.call_soon_threadsafe(_resolve_reports, settled)
 
     def _delivered(
         self, acked: asyncio.Future[None], deadline: int, err: KafkaError | None, msg: Message

@@ -7,6 +7,7 @@ runtime; ``build_flow`` only wires them.
 
 from __future__ import annotations
 
+import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,11 +108,16 @@ class HeadLookup:
     def __init__(self, trades: Callable[[], DecisionStore]) -> None:
         self._factory = trades
         self._store: DecisionStore | None = None
+        self._building = threading.Lock()  # the process's workers share this object
+
+    def _shared_store(self) -> DecisionStore:
+        with self._building:
+            if self._store is None:
+                self._store = self._factory()
+            return self._store
 
     def __call__(self, messages: list[TradeMessage]) -> list[WithHead]:
-        if self._store is None:
-            self._store = self._factory()
-        store = self._store
+        store = self._store or self._shared_store()
         ids = {m.trade.trade_id for m in messages}
         heads = until_available(lambda: store.heads(ids), "trade store lookup")
         return [WithHead(m, heads.get(m.trade.trade_id)) for m in messages]

@@ -9,9 +9,9 @@ import pytest
 
 from adapters import wiring
 from adapters.sql import SqlTradeStore
-from cli import processor
+from cli import sweeps
 from cli.migrate import migrate
-from cli.processor import ExpirySweeper
+from cli.sweeps import ExpirySweeper
 from config.settings import Settings
 from domain.ports import Unavailable
 from domain.trade import Trade
@@ -42,7 +42,7 @@ def store(tmp_path: Path) -> SqlTradeStore:
 def clock(monkeypatch: pytest.MonkeyPatch) -> list[date]:
     """The business date the sweeper sees: the last element of the list."""
     dates = [DAY]
-    monkeypatch.setattr(processor, "business_today", lambda _zone: dates[-1])
+    monkeypatch.setattr(sweeps, "business_today", lambda _zone: dates[-1])
     return dates
 
 

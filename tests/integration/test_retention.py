@@ -27,7 +27,7 @@ from adapters.sql import SqlTradeStore
 from adapters.sqlite_file import write_once
 from adapters.sqlite_status import PUT_PENDING, SqliteStatusStore
 from adapters.tables import request_outcomes
-from cli.processor import RetentionSweeper
+from cli.sweeps import RetentionSweeper
 from config.clock import business_today, utc_now
 from config.settings import Settings
 from domain.message import TradeMessage
