@@ -56,15 +56,19 @@ class TerminalRow:
     failure_reason: str | None
     created_at: datetime
 
-    def logged(self) -> tuple[str, str, int, str, str | None, str | None]:
-        """The decision-log columns, in the order the embedded ceiling inserts them."""
-        return (
+    def outcome(self, decided_at: datetime) -> Any:
+        """The row as the decision log hands an outcome to the status store."""
+        from domain.status import Outcome, ReasonCode, RequestState
+
+        return Outcome(
             self.request_id,
             self.trade_id,
             self.version,
-            self.state,
-            self.reason_code,
+            RequestState(self.state),
+            ReasonCode(self.reason_code) if self.reason_code else None,
             self.failure_reason,
+            self.created_at,
+            decided_at=decided_at,
         )
 
 
@@ -76,6 +80,18 @@ class TradeRow:
     book_id: str
     maturity_date: Any
     created_date: Any
+
+    def trade(self) -> Any:
+        from domain.trade import Trade
+
+        return Trade(
+            self.trade_id,
+            self.version,
+            self.counterparty_id,
+            self.book_id,
+            self.maturity_date,
+            self.created_date,
+        )
 
 
 class Stage:
@@ -233,22 +249,6 @@ def dynamo_client() -> Any:
         aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID", "local"),
         aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", "local"),
         config=Config(max_pool_connections=16, retries={"mode": "standard", "max_attempts": 5}),
-    )
-
-
-def _outcome(t: TerminalRow, decided_at: datetime) -> Any:
-    """The row as the decision log hands an outcome to the status store."""
-    from domain.status import Outcome, ReasonCode, RequestState
-
-    return Outcome(
-        t.request_id,
-        t.trade_id,
-        t.version,
-        RequestState(t.state),
-        ReasonCode(t.reason_code) if t.reason_code else None,
-        t.failure_reason,
-        t.created_at,
-        decided_at=decided_at,
     )
 
 
@@ -411,7 +411,6 @@ class ServicesStage(Stage):
         from adapters.dynamodb import DynamoStatusStore
         from adapters.sql import POSTGRES
         from config.clock import utc_now
-        from domain.trade import Trade
 
         store = DynamoStatusStore(self.dynamo(), self.table, TTL_DAYS)
         pg_time = 0.0
@@ -428,18 +427,8 @@ class ServicesStage(Stage):
             for trade_rows, terminal in batches:
                 t0 = time.perf_counter()
                 now = utc_now()
-                trades = [
-                    Trade(
-                        r.trade_id,
-                        r.version,
-                        r.counterparty_id,
-                        r.book_id,
-                        r.maturity_date,
-                        r.created_date,
-                    )
-                    for r in trade_rows
-                ]
-                logged = [_outcome(t, now) for t in terminal]  # stamped by the decision log
+                trades = [r.trade() for r in trade_rows]
+                logged = [t.outcome(now) for t in terminal]  # stamped by the decision log
                 with self.engine().begin() as conn:
                     POSTGRES.upsert(conn, trades, now)
                     POSTGRES.log(conn, logged)
@@ -524,37 +513,10 @@ class EmbeddedStage(Stage):
         from adapters.sql import SQLITE, make_engine
         from adapters.sqlite_status import SqliteStatusStore
         from config.clock import utc_now
-        from domain.status import Outcome, ReasonCode, RequestState
-        from domain.trade import Trade
 
         logged_at = utc_now()
         work = [
-            (
-                [
-                    Trade(
-                        r.trade_id,
-                        r.version,
-                        r.counterparty_id,
-                        r.book_id,
-                        r.maturity_date,
-                        r.created_date,
-                    )
-                    for r in trade_rows
-                ],
-                [
-                    Outcome(
-                        t.request_id,
-                        t.trade_id,
-                        t.version,
-                        RequestState(t.state),
-                        ReasonCode(t.reason_code) if t.reason_code else None,
-                        t.failure_reason,
-                        t.created_at,
-                        decided_at=logged_at,
-                    )
-                    for t in terminal
-                ],
-            )
+            ([r.trade() for r in trade_rows], [t.outcome(logged_at) for t in terminal])
             for trade_rows, terminal in batches
         ]
         engine = make_engine(self.sql_url(), pool_size=1)
