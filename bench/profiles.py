@@ -405,9 +405,9 @@ class ServicesStage(Stage):
     ) -> dict[str, Any]:
         """Per batch, the app's own statements without the framework: the trades' upsert
         (the guard trigger fires) and the decision log's insert, one commit; then the
-        batch's statuses through the app's status store on a thread pool, overlapping the
-        next batch (``complete``: the consistent read of which are terminal, BatchGetItem,
-        then BatchWriteItem of 25)."""
+        batch's statuses in one call of the app's status store (``write_outcomes``: the
+        consistent reads of which are terminal, BatchGetItem of 100, then BatchWriteItem of
+        25, on its own 8 threads), overlapping the next batch's commit as the sink does."""
         from adapters.dynamodb import DynamoStatusStore
         from adapters.sql import POSTGRES
         from config.clock import utc_now
@@ -423,7 +423,7 @@ class ServicesStage(Stage):
 
         pending: list[Future[None]] = []
         started = time.perf_counter()
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(2) as pool:
             for trade_rows, terminal in batches:
                 t0 = time.perf_counter()
                 now = utc_now()
@@ -434,7 +434,7 @@ class ServicesStage(Stage):
                     POSTGRES.log(conn, logged)
                 pg_time += time.perf_counter() - t0
                 # Statuses only after the rows are committed, as the app must.
-                pending.extend(pool.submit(write_statuses, c) for c in _chunks(logged, 25))
+                pending.append(pool.submit(write_statuses, logged))
             for fut in pending:
                 fut.result()
         wall = time.perf_counter() - started
@@ -442,7 +442,7 @@ class ServicesStage(Stage):
         return {
             "method": "PostgreSQL: the app's upsert and decision-log insert per batch (unnest"
             " arrays, guard trigger on); DynamoDB: the app's DynamoStatusStore.write_outcomes"
-            " per 25 (BatchGetItem + BatchWriteItem) on 8 threads, overlapped",
+            " per batch (BatchGetItem of 100, BatchWriteItem of 25, 8 threads), overlapped",
             "wall_s": wall,
             "trade_store_busy_s": round(pg_time, 3),
             "status_store_busy_s": round(sum(status_time), 3),
