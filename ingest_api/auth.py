@@ -51,15 +51,26 @@ ASYMMETRIC = frozenset(
 REALM = 'Bearer realm="trade-store"'
 KEY_FILE_RECHECK_S = 1.0  # how often the key file's stamp is looked at for changes
 JWKS_TIMEOUT_S = 5.0
+# An unknown kid refreshes the key set at most this often (PyJWT's cooldown), so tokens
+# with made-up kids cannot turn the API into a load on the identity provider.
+JWKS_REFRESH_COOLDOWN_S = 30.0
+CHALLENGE = {
+    "WWW-Authenticate": {
+        "description": 'The RFC 6750 challenge, e.g. Bearer realm="trade-store"',
+        "schema": {"type": "string"},
+    }
+}
 AUTHENTICATED: dict[int | str, dict[str, Any]] = {
     401: {
         "model": Problem,
         "content": {MEDIA_TYPE: {}},
-        "description": "No valid credentials (code UNAUTHENTICATED); see WWW-Authenticate",
+        "headers": CHALLENGE,
+        "description": "No valid credentials (code UNAUTHENTICATED)",
     },
     403: {
         "model": Problem,
         "content": {MEDIA_TYPE: {}},
+        "headers": CHALLENGE,
         "description": "The credentials lack the route's scope (code FORBIDDEN)",
     },
 }
@@ -94,8 +105,8 @@ class AuthSetupError(Exception):
     """The authentication settings or the key file cannot work; the server must not start."""
 
 
-def unauthenticated(field: str = "Authorization") -> AuthError:
-    return AuthError(401, "UNAUTHENTICATED", "Authentication is required", REALM, field)
+def unauthenticated() -> AuthError:
+    return AuthError(401, "UNAUTHENTICATED", "Authentication is required", REALM, "Authorization")
 
 
 def invalid(title: str, field: str = "Authorization") -> AuthError:
@@ -183,7 +194,9 @@ def read_key_file(path: Path) -> list[KeyLine]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise AuthSetupError(f"cannot read the API key file {path}: {exc}") from exc
+        raise AuthSetupError(
+            f"cannot read the API key file {path}: {exc} (`trade-store keys add` creates it)"
+        ) from exc
     keys = []
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -279,8 +292,8 @@ def scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
 class Jwt:
     """OAuth2 bearer tokens (RFC 6750) verified by PyJWT: the signature with a key from the
     JWKS URL (PyJWKClient's cached key set; keys already used are kept for the cache's
-    lifespan, so only a new or expired ``kid`` costs a fetch, in a thread) or from the
-    public key file; ``exp``, ``iss`` and ``aud`` required and checked."""
+    lifespan, so only a new or expired ``kid`` goes to a thread, where the client may
+    fetch) or from the public key file; ``exp``, ``iss`` and ``aud`` required and checked."""
 
     def __init__(self, settings: Settings) -> None:
         if not settings.jwt_issuer or not settings.jwt_audience:
@@ -303,10 +316,13 @@ class Jwt:
         self._lifespan = settings.jwt_jwks_cache_seconds
         self._jwks: jwt.PyJWKClient | None = None
         self._public_key: Any = None
-        self._known: dict[str | None, tuple[Any, float]] = {}
+        self._known: dict[str, tuple[jwt.PyJWK, float]] = {}
         if settings.jwt_jwks_url:
             self._jwks = jwt.PyJWKClient(
-                settings.jwt_jwks_url, lifespan=self._lifespan, timeout=JWKS_TIMEOUT_S
+                settings.jwt_jwks_url,
+                lifespan=self._lifespan,
+                timeout=JWKS_TIMEOUT_S,
+                cooldown_duration=JWKS_REFRESH_COOLDOWN_S,
             )
         else:
             assert settings.jwt_public_key_file is not None
@@ -316,6 +332,8 @@ class Jwt:
         if self._jwks is None:
             return self._public_key
         kid = jwt.get_unverified_header(token).get("kid")
+        if not isinstance(kid, str):
+            raise jwt.InvalidTokenError("a key set's token names its key (kid)")
         known = self._known.get(kid)
         now = time.monotonic()
         if known is not None and now < known[1]:
@@ -324,10 +342,10 @@ class Jwt:
             key = await run_in_threadpool(self._jwks.get_signing_key, kid)
         except jwt.PyJWKClientConnectionError as exc:
             raise Unavailable(f"identity provider's key set: {exc}") from exc
-        # The bare key, not the PyJWK: PyJWT then picks the verifier by the token's alg (in
-        # our allow-list) and refuses a key of another type, whatever the JWK claims.
-        self._known[kid] = (key.key, now + self._lifespan)
-        return key.key
+        # A PyJWK: PyJWT (>= 2.15) then verifies only with the JWK's own algorithm, which the
+        # token's alg must name, besides being in our allow-list.
+        self._known[kid] = (key, now + self._lifespan)
+        return key
 
     async def authenticate(self, headers: Mapping[str, str]) -> Client:
         token = bearer(headers)
@@ -352,7 +370,7 @@ class Jwt:
         except jwt.PyJWTError:
             raise invalid("The token is not valid") from None
         subject = claims.get("sub") or claims.get("client_id")
-        if not valid_id(subject):
+        if not isinstance(subject, str) or not valid_id(subject):
             raise invalid("The token names no client (sub or client_id)")
         return Client(subject, scopes_of(claims))
 

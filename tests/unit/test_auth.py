@@ -212,9 +212,8 @@ def jwks(signer: Signer) -> Iterator[Jwks]:
 
 
 def jwt_settings(**overrides: Any) -> Settings:
-    return Settings(
-        auth="jwt", jwt_issuer=ISSUER, jwt_audience=AUDIENCE, jwt_leeway_seconds=0, **overrides
-    )
+    values = {"jwt_issuer": ISSUER, "jwt_audience": AUDIENCE, "jwt_leeway_seconds": 0}
+    return Settings(auth="jwt", **(values | overrides))
 
 
 # --- the matrix ----------------------------------------------------------------------------
@@ -461,6 +460,7 @@ def bad_tokens(signer: Signer) -> dict[str, str]:
         "HS256 with the public key as secret": forged(
             {"alg": "HS256", "kid": signer.kid}, claims, signer.pem()
         ),
+        "kid not a string": forged({"alg": "RS256", "kid": ["k1"]}, claims, b"x"),
         "not a token": "abc.def.ghi",
         "not even dots": "garbage",
     }
@@ -483,6 +483,7 @@ BAD_TOKENS = [
     "no client",
     "alg none",
     "HS256 with the public key as secret",
+    "kid not a string",
     "not a token",
     "not even dots",
 ]
@@ -510,6 +511,17 @@ def test_a_bad_token_is_401_invalid_token(
     )
 
 
+def test_a_key_set_token_must_name_its_key(jwks: Jwks, signer: Signer, tmp_path: Path) -> None:
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "svc", "exp": int(time.time()) + 300}
+    unnamed = jwt.encode({**claims, "scope": "trades:read"}, signer.private, algorithm="RS256")
+    with running(jwt_settings(jwt_jwks_url=jwks.url)) as api:
+        reply = api.http.get("/api/v1/trades", headers=bearer(unnamed))
+        assert (reply.status_code, reply.json()["title"]) == (401, "The token is not valid")
+    (tmp_path / "issuer.pem").write_bytes(signer.pem())  # one key: no kid needed
+    with running(jwt_settings(jwt_public_key_file=tmp_path / "issuer.pem")) as api:
+        assert api.http.get("/api/v1/trades", headers=bearer(unnamed)).status_code == 200
+
+
 def test_client_id_claim_stands_in_for_sub(jwks: Jwks, signer: Signer) -> None:
     with running(jwt_settings(jwt_jwks_url=jwks.url)) as api:
         token = signer.token("trades:write", sub=None, client_id="machine-7")
@@ -530,7 +542,10 @@ def test_scopes_come_from_the_space_separated_scope_claim(jwks: Jwks, signer: Si
         assert api.http.get("/api/v1/trades", headers=bearer(no_scope)).status_code == 403
 
 
-def test_the_key_set_is_fetched_once_and_again_for_a_new_key(jwks: Jwks, signer: Signer) -> None:
+def test_the_key_set_is_fetched_once_and_again_for_a_new_key(
+    jwks: Jwks, signer: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(auth, "JWKS_REFRESH_COOLDOWN_S", 0.0)
     with running(jwt_settings(jwt_jwks_url=jwks.url)) as api:
         assert jwks.fetches == 0  # nothing fetched before the first token
         for _ in range(5):
@@ -548,6 +563,19 @@ def test_the_key_set_is_fetched_once_and_again_for_a_new_key(jwks: Jwks, signer:
             == 200
         )
         assert jwks.fetches == 2
+
+
+def test_made_up_key_ids_do_not_make_the_api_fetch_the_key_set(jwks: Jwks, signer: Signer) -> None:
+    """Within PyJWT's cooldown after a fetch, an unknown kid is refused from the cached set."""
+    with running(jwt_settings(jwt_jwks_url=jwks.url)) as api:
+        assert (
+            api.http.get("/api/v1/trades", headers=bearer(signer.token("trades:read"))).status_code
+            == 200
+        )
+        for n in range(20):
+            made_up = Signer(f"made-up-{n}", signer.private).token("trades:read")
+            assert api.http.get("/api/v1/trades", headers=bearer(made_up)).status_code == 401
+    assert jwks.fetches == 1
 
 
 def test_an_unreachable_key_set_is_503_for_keys_not_yet_known(signer: Signer) -> None:
@@ -607,9 +635,11 @@ def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
 
 @pytest.mark.parametrize("command", ["serve", "dev"])
 def test_serving_beyond_loopback_needs_auth_or_an_explicit_none(
-    command: str, env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    command: str, env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    env.setenv("TRADE_STORE_DATA_DIR", str(tmp_path / "data"))
     assert main([command, "--host", "0.0.0.0"]) == 2
+    assert not (tmp_path / "data").exists()  # refused before anything started or migrated
     error = capsys.readouterr().err
     assert f"trade-store {command}: refusing to start: 0.0.0.0 is not a loopback" in error
     assert "TRADE_STORE_AUTH" in error
