@@ -24,11 +24,18 @@ COPY cli/ cli/
 RUN uv sync --frozen --no-dev --no-editable
 
 FROM ${PYTHON_IMAGE} AS runtime
+# Bound beyond loopback, so the API authenticates: API keys from the key file below (made
+# by `trade-store keys add`; docker-compose.yml keeps it on a volume), or set
+# TRADE_STORE_AUTH=jwt and its TRADE_STORE_JWT_* settings (README: Authentication).
+# The key file's path is no secret (the file holds only hashes of the keys):
+# hadolint ignore=DL3064
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/venv/bin:$PATH \
-    TRADE_STORE_HOST=0.0.0.0 TRADE_STORE_PORT=8000 TRADE_STORE_LOG_FORMAT=json
+    TRADE_STORE_HOST=0.0.0.0 TRADE_STORE_PORT=8000 TRADE_STORE_LOG_FORMAT=json \
+    TRADE_STORE_AUTH=api-key TRADE_STORE_API_KEYS_FILE=/etc/trade-store/api-keys
 RUN groupadd --system --gid 10001 trade-store \
     && useradd --system --uid 10001 --gid trade-store --no-log-init \
-       --home-dir /var/lib/trade-store --create-home --shell /usr/sbin/nologin trade-store
+       --home-dir /var/lib/trade-store --create-home --shell /usr/sbin/nologin trade-store \
+    && install -d -o 10001 -g 10001 -m 700 /etc/trade-store
 COPY --from=builder /opt/venv /opt/venv
 # embedded data and recovery snapshots default to here (a volume in docker-compose.yml)
 WORKDIR /var/lib/trade-store

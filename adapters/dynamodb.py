@@ -67,6 +67,8 @@ def status_item(status: RequestStatus, expires_at: int) -> dict[str, Any]:
         item["reason_code"] = {"S": status.reason_code.value}
     if status.failure_reason is not None:
         item["failure_reason"] = {"S": status.failure_reason}
+    if status.client_id is not None:
+        item["client_id"] = {"S": status.client_id}
     return item
 
 
@@ -80,6 +82,7 @@ def _status(item: dict[str, Any]) -> RequestStatus:
         updated_at=datetime.fromisoformat(item["updated_at"]["S"]),
         reason_code=ReasonCode(item["reason_code"]["S"]) if "reason_code" in item else None,
         failure_reason=item.get("failure_reason", {}).get("S"),
+        client_id=item.get("client_id", {}).get("S"),
     )
 
 
@@ -93,7 +96,8 @@ class DynamoStatusStore:
     """Status store on DynamoDB, written in BatchWriteItem batches.
 
     Batched puts cannot be conditional, so ``complete`` first reads which of its requests
-    are terminal already (BatchGetItem, consistent) and puts only the others. That is a
+    are terminal already (BatchGetItem, consistent) and puts only the others, each with the
+    client id its PENDING record names (a put replaces the whole item). That is a
     check, then a write, not one atomic step: it holds because one request's outcomes come
     from one worker of one dataflow, in order. The API writes PENDING before it queues the
     trade (the request id is fresh, nothing to clobber); dead letters use conditional
@@ -174,8 +178,17 @@ class DynamoStatusStore:
         }
         ids = list(items)
         reads = [ids[i : i + GET_BATCH] for i in range(0, len(ids), GET_BATCH)]
-        terminal = set().union(*self._pool.map(self._writer.terminal, reads))
-        puts = [item for rid, item in items.items() if rid not in terminal]
+        stored: dict[str, dict[str, Any]] = {}
+        for part in self._pool.map(self._writer.stored, reads):
+            stored |= part
+        puts = []
+        for rid, item in items.items():
+            old = stored.get(rid, {})
+            if old and old["status"]["S"] != RequestState.PENDING.value:
+                continue  # terminal is final
+            if "client_id" in old:  # a put replaces the item: keep who submitted it
+                item["client_id"] = old["client_id"]
+            puts.append(item)
         chunks = [puts[i : i + WRITE_BATCH] for i in range(0, len(puts), WRITE_BATCH)]
         # list() re-raises the first failure after every chunk has been attempted.
         list(self._pool.map(self._writer.put_all, chunks))

@@ -35,7 +35,6 @@ from botocore.awsrequest import AWSRequest
 from botocore.exceptions import BotoCoreError
 
 from domain.ports import Unavailable
-from domain.status import RequestState
 
 T = TypeVar("T")
 
@@ -128,25 +127,25 @@ def write_rounds(table: str, requests: list[dict[str, Any]]) -> Rounds[None]:
         raise Unavailable(f"status store: {len(requests)} items left unprocessed")
 
 
-def terminal_rounds(table: str, request_ids: list[str]) -> Rounds[set[str]]:
-    """Which of up to 100 request ids hold a terminal status (consistent BatchGetItem),
-    again with whatever keys are left unprocessed, on the ``ROUNDS_S`` schedule."""
+def stored_rounds(table: str, request_ids: list[str]) -> Rounds[dict[str, dict[str, Any]]]:
+    """The stored ``status`` and ``client_id`` of those of up to 100 request ids that have a
+    record (consistent BatchGetItem), by request id, again with whatever keys are left
+    unprocessed, on the ``ROUNDS_S`` schedule."""
     keys = [{"request_id": {"S": rid}} for rid in request_ids]
-    found: set[str] = set()
+    found: dict[str, dict[str, Any]] = {}
     for delay in ROUNDS_S:
         if not keys:
             return found
         wanted = {
             "Keys": keys,
             "ConsistentRead": True,
-            "ProjectionExpression": "request_id, #s",
+            "ProjectionExpression": "request_id, #s, client_id",
             "ExpressionAttributeNames": {"#s": "status"},
         }
         body = orjson.dumps({"RequestItems": {table: wanted}})
         reply = parse((yield delay, "BatchGetItem", body), "BatchGetItem")
         for item in reply.get("Responses", {}).get(table, []):
-            if item["status"]["S"] != RequestState.PENDING.value:
-                found.add(item["request_id"]["S"])
+            found[item["request_id"]["S"]] = item
         keys = reply.get("UnprocessedKeys", {}).get(table, {}).get("Keys", [])
     if keys:
         raise Unavailable(f"status store: {len(keys)} keys left unread")
@@ -184,9 +183,9 @@ class BatchWriter:
         except StopIteration as done:
             return cast(T, done.value)
 
-    def terminal(self, request_ids: list[str]) -> set[str]:
-        """Which of up to 100 request ids hold a terminal status."""
-        return self._run(terminal_rounds(self._table, request_ids))
+    def stored(self, request_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The stored status and client id of up to 100 request ids, where there is one."""
+        return self._run(stored_rounds(self._table, request_ids))
 
     def put_all(self, items: list[dict[str, Any]]) -> None:
         """Put up to 25 items."""

@@ -28,19 +28,20 @@ CREATE TABLE IF NOT EXISTS request_status (
     updated_at TEXT NOT NULL,
     reason_code TEXT,
     failure_reason TEXT,
-    expires_at INTEGER NOT NULL
+    expires_at INTEGER NOT NULL,
+    client_id TEXT
 );
 CREATE INDEX IF NOT EXISTS request_status_expires ON request_status (expires_at);
 """
 
 PUT_PENDING = """
 INSERT INTO request_status (request_id, status, trade_id, version, created_at, updated_at,
-                            expires_at)
-VALUES (?, ?, ?, ?, ?, ?, ?)
+                            expires_at, client_id)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (request_id) DO NOTHING
 """
 
-# Terminal is final: only a missing or PENDING record takes an outcome.
+# Terminal is final: only a missing or PENDING record takes an outcome (keeping its client_id).
 COMPLETE = """
 INSERT INTO request_status (request_id, status, trade_id, version, created_at, updated_at,
                             reason_code, failure_reason, expires_at)
@@ -51,6 +52,12 @@ ON CONFLICT (request_id) DO UPDATE SET
     expires_at = excluded.expires_at
 WHERE request_status.status = 'PENDING'
 """
+
+# The columns of the separate status files of earlier versions, which had no client_id.
+ADOPTED = (
+    "request_id, status, trade_id, version, created_at, updated_at, reason_code,"
+    " failure_reason, expires_at"
+)
 
 DELETE_EXPIRED = """
 DELETE FROM request_status WHERE rowid IN (
@@ -77,6 +84,12 @@ class SqliteStatusStore:
     def ensure_schema(self) -> None:
         with writer_of(self.path) as writer:
             writer.conn.executescript(STATUS_SCHEMA)
+            # A file from before authentication; under the write lock, as two processes
+            # starting at once would both add the column.
+            with writer.transaction("status store") as conn:
+                columns = {row[1] for row in conn.execute("PRAGMA table_info(request_status)")}
+                if "client_id" not in columns:
+                    conn.execute("ALTER TABLE request_status ADD COLUMN client_id TEXT")
 
     def adopt(self, old: Path) -> None:
         """Take over the statuses of a separate status file (where earlier versions kept
@@ -88,7 +101,8 @@ class SqliteStatusStore:
             try:
                 with writer.transaction("status store") as conn:
                     conn.execute(
-                        "INSERT OR IGNORE INTO request_status SELECT * FROM old.request_status"
+                        f"INSERT OR IGNORE INTO request_status ({ADOPTED})"  # noqa: S608
+                        f" SELECT {ADOPTED} FROM old.request_status"
                     )
             finally:
                 writer.conn.execute("DETACH DATABASE old")
@@ -120,6 +134,7 @@ class SqliteStatusStore:
             at.isoformat(),
             status.updated_at.isoformat(),
             self._expires(at),
+            status.client_id,
         )
 
     def write_outcomes(self, outcomes: Sequence[Outcome]) -> None:
@@ -165,7 +180,7 @@ class SqliteStatusStore:
                 self._conn()
                 .execute(
                     "SELECT request_id, status, trade_id, version, created_at, updated_at,"
-                    " reason_code, failure_reason FROM request_status"
+                    " reason_code, failure_reason, client_id FROM request_status"
                     " WHERE request_id = ? AND expires_at >= ?",
                     (request_id, int(utc_now().timestamp())),
                 )
@@ -184,6 +199,7 @@ class SqliteStatusStore:
             updated_at=datetime.fromisoformat(row[5]),
             reason_code=ReasonCode(row[6]) if row[6] else None,
             failure_reason=row[7],
+            client_id=row[8],
         )
 
     def ping(self) -> None:

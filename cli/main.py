@@ -21,9 +21,33 @@ def _migrate_embedded(settings: Settings, args: argparse.Namespace) -> None:
         migrate(settings)
 
 
+def _refuses_auth(settings: Settings, host: str, command: str) -> bool:
+    """Whether the API must not start on ``host`` with these authentication settings (and
+    why, on stderr): open to the network only when TRADE_STORE_AUTH=none is set explicitly,
+    and a key file or key that cannot work stops the start here, not in a worker."""
+    from ingest_api import auth
+
+    if auth.open_to_network(settings, host):
+        reason = (
+            f"{host} is not a loopback address and TRADE_STORE_AUTH is not set; set it to"
+            " api-key or jwt (README: Authentication), or to none to serve without"
+            " authentication"
+        )
+    else:
+        try:
+            auth.authenticator(settings)
+            return False
+        except auth.AuthSetupError as exc:
+            reason = str(exc)
+    print(f"trade-store {command}: refusing to start: {reason}", file=sys.stderr)
+    return True
+
+
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
+    if _refuses_auth(settings, args.host or settings.host, "serve"):
+        return 2
     _migrate_embedded(settings, args)
     uvicorn.run(
         "ingest_api.app:create_app",
@@ -63,6 +87,8 @@ def _migrate(settings: Settings, _: argparse.Namespace) -> int:
 def _dev(settings: Settings, args: argparse.Namespace) -> int:
     from cli import dev
 
+    if _refuses_auth(settings, args.host or settings.host, "dev"):
+        return 2
     return dev.run(settings, host=args.host or settings.host, port=args.port or settings.port)
 
 
@@ -93,6 +119,30 @@ def _topics(settings: Settings, args: argparse.Namespace) -> int:
     for name, meta in sorted(admin.list_topics(timeout=10).topics.items()):
         if not name.startswith("__"):
             print(f"{name}\tpartitions={len(meta.partitions)}")
+    return 0
+
+
+def _keys(settings: Settings, args: argparse.Namespace) -> int:
+    from ingest_api import auth
+
+    path = settings.api_keys_file
+    if path is None:
+        print(
+            "trade-store keys add: set TRADE_STORE_API_KEYS_FILE to the key file", file=sys.stderr
+        )
+        return 2
+    try:
+        scopes = auth.parse_scopes(",".join(args.scopes))
+        key = auth.add_key(path, args.client, scopes, args.rate)
+    except (ValueError, OSError) as exc:
+        print(f"trade-store keys add: {exc}", file=sys.stderr)
+        return 2
+    print(key)
+    print(
+        f"trade-store keys add: key of {args.client} ({', '.join(sorted(scopes))}) added to"
+        f" {path}; it is shown only this once",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -148,6 +198,21 @@ def parser() -> argparse.ArgumentParser:
     topics = command("topics", "create or list the inbound queue and dead-letter topics")
     topics.add_argument("action", choices=["create", "list"])
     topics.set_defaults(handler=_topics)
+
+    keys = command("keys", "manage the API key file (TRADE_STORE_API_KEYS_FILE)")
+    add = keys.add_subparsers(dest="action", required=True).add_parser(
+        "add", help="print a new key for CLIENT once and append its hash to the key file"
+    )
+    add.add_argument("client", metavar="CLIENT")
+    add.add_argument(
+        "--scopes",
+        nargs="+",
+        required=True,
+        help="comma- or space-separated, of: trades:write trades:read requests:read"
+        " requests:read:any",
+    )
+    add.add_argument("--rate", metavar="WRITES/READS", help="this client's quotas per second")
+    keys.set_defaults(handler=_keys)
     return root
 
 

@@ -74,6 +74,18 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
 
+    # Authentication (README "Authentication"). Unset: none, and `serve`/`dev` refuse a
+    # non-loopback host; "none" set explicitly opens the API wherever it is bound.
+    auth: Literal["none", "api-key", "jwt"] | None = None
+    api_keys_file: Path | None = None
+    jwt_jwks_url: str | None = None
+    jwt_public_key_file: Path | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_algorithms: str = "RS256,ES256"  # comma-separated; asymmetric ones only
+    jwt_leeway_seconds: float = Field(default=30.0, ge=0)
+    jwt_jwks_cache_seconds: float = Field(default=300.0, gt=0)
+
     @property
     def embedded(self) -> bool:
         return self.profile == "embedded"

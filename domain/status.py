@@ -39,6 +39,7 @@ class RequestStatus:
     updated_at: datetime
     reason_code: ReasonCode | None = None
     failure_reason: str | None = None
+    client_id: str | None = None  # who submitted it (None: authentication was off)
 
 
 @dataclass(frozen=True, slots=True)

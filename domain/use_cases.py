@@ -17,11 +17,16 @@ from domain.trade import Decision, Rejected, Trade, check_maturity, decide_in_or
 
 
 async def accept(
-    intake: Intake, trade: Trade, correlation_id: str, today: date, now: datetime
+    intake: Intake,
+    trade: Trade,
+    correlation_id: str,
+    today: date,
+    now: datetime,
+    client_id: str | None = None,
 ) -> TradeMessage | Rejected:
     """Take in one submission: refused at once if it matured before ``today`` (the business
-    date), else given a request id and, once its PENDING record and its queued message are
-    durable, returned."""
+    date), else given a request id and, once its PENDING record (naming ``client_id``, who
+    alone may read it back) and its queued message are durable, returned."""
     rejected = check_maturity(trade, today)
     if rejected is not None:
         return rejected
@@ -39,6 +44,7 @@ async def accept(
         version=trade.version,
         created_at=now,
         updated_at=now,
+        client_id=client_id,
     )
     await intake.accept(pending, message)
     return message

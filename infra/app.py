@@ -3,7 +3,8 @@
 
 Context keys (all optional): envName, processorCount, processorWorkers, apiMinTasks,
 apiMaxTasks, dbInstanceType, kafkaInstanceType, kafkaVersion, internetFacing,
-certificateArn, runMigrations. See README.md.
+certificateArn, runMigrations, auth (api-key | jwt), apiKeysSecretArn, jwtIssuer,
+jwtAudience, jwtJwksUrl. See README.md.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def build(app: cdk.App) -> TradeStoreStack:
         internet_facing=_flag(_context(app, "internetFacing", False)),
         certificate_arn=_context(app, "certificateArn", None),
         run_migrations=_flag(_context(app, "runMigrations", True)),
+        auth=str(_context(app, "auth", "api-key")),
+        api_keys_secret_arn=_context(app, "apiKeysSecretArn", None),
+        jwt_issuer=_context(app, "jwtIssuer", None),
+        jwt_audience=_context(app, "jwtAudience", None),
+        jwt_jwks_url=_context(app, "jwtJwksUrl", None),
         env=cdk.Environment(account=account, region=region) if account and region else None,
         description=f"trade-store services profile ({env_name}): MSK, RDS, DynamoDB, ECS",
     )

@@ -9,7 +9,7 @@ import json
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
@@ -19,6 +19,16 @@ from domain.ports import TradeFilter, Unavailable
 from domain.status import RequestState
 from domain.trade import Rejected
 from domain.use_cases import accept, trade_page
+from ingest_api.auth import (
+    AUTHENTICATED,
+    REQUESTS_READ,
+    TRADES_READ,
+    TRADES_WRITE,
+    Client,
+    authenticated,
+    require,
+    sees,
+)
 from ingest_api.deps import ServicesDep, SettingsDep
 from ingest_api.problems import MEDIA_TYPE, ProblemError
 from ingest_api.schemas import AcceptedOut, HealthOut, Problem, RequestOut, TradeIn, TradeOut
@@ -42,16 +52,28 @@ def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Resp
         400: {**PROBLEM, "description": "Maturity date before today (code MATURITY_PASSED)"},
         413: {**PROBLEM, "description": "Body too large"},
         422: {**PROBLEM, "description": "Malformed or invalid body"},
+        **AUTHENTICATED,
         **UNAVAILABLE,
     },
 )
 async def submit_trade(
-    body: TradeIn, request: Request, services: ServicesDep, settings: SettingsDep
+    body: TradeIn,
+    request: Request,
+    services: ServicesDep,
+    settings: SettingsDep,
+    client: Annotated[Client | None, Depends(require(TRADES_WRITE))],
 ) -> Response:
     """Accept a trade version; 202 once it is durably queued and its request is PENDING."""
     today = business_today(settings.business_timezone)
     correlation_id = request.scope["state"]["correlation_id"]
-    message = await accept(services.intake, body.to_domain(today), correlation_id, today, utc_now())
+    message = await accept(
+        services.intake,
+        body.to_domain(today),
+        correlation_id,
+        today,
+        utc_now(),
+        client.id if client else None,
+    )
     if isinstance(message, Rejected):
         raise ProblemError(400, message.code.value, message.message, field="maturity_date")
     trade = message.trade
@@ -70,9 +92,18 @@ async def submit_trade(
 @router.get(
     "/requests/{request_id}",
     response_model=RequestOut,
-    responses={404: {**PROBLEM, "description": "Unknown request id"}, **UNAVAILABLE},
+    responses={
+        404: {**PROBLEM, "description": "Unknown request id, or another client's"},
+        **AUTHENTICATED,
+        **UNAVAILABLE,
+    },
 )
-async def get_request(request_id: str, services: ServicesDep, settings: SettingsDep) -> Response:
+async def get_request(
+    request_id: str,
+    services: ServicesDep,
+    settings: SettingsDep,
+    client: Annotated[Client | None, Depends(require(REQUESTS_READ))],
+) -> Response:
     """The status of one submission: PENDING, then SUCCESS or FAILED with a reason."""
     status = None
     if valid_id(request_id):
@@ -84,7 +115,7 @@ async def get_request(request_id: str, services: ServicesDep, settings: Settings
             )
         except TimeoutError:
             raise Unavailable(f"status store did not answer within {timeout_s:g} s") from None
-    if status is None:
+    if status is None or not sees(client, status):  # another client's: as if unknown
         raise ProblemError(404, "NOT_FOUND", f"No request {request_id}", field="request_id")
     return _json(200, RequestOut.of(status).model_dump(mode="json"))
 
@@ -112,7 +143,8 @@ def decode_cursor(cursor: str) -> tuple[str, int]:
 @router.get(
     "/trades",
     response_model=list[TradeOut],
-    responses={400: {**PROBLEM, "description": "Invalid cursor"}, **UNAVAILABLE},
+    responses={400: {**PROBLEM, "description": "Invalid cursor"}, **AUTHENTICATED, **UNAVAILABLE},
+    dependencies=[Depends(require(TRADES_READ))],
 )
 def list_trades(
     request: Request,
@@ -142,7 +174,12 @@ def list_trades(
 @router.get(
     "/trades/{trade_id}",
     response_model=list[TradeOut],
-    responses={404: {**PROBLEM, "description": "No stored version"}, **UNAVAILABLE},
+    responses={
+        404: {**PROBLEM, "description": "No stored version"},
+        **AUTHENTICATED,
+        **UNAVAILABLE,
+    },
+    dependencies=[Depends(require(TRADES_READ))],
 )
 def get_trade(trade_id: str, services: ServicesDep, settings: SettingsDep) -> Response:
     """Every stored version of one trade, ascending."""
@@ -171,11 +208,13 @@ async def liveness() -> Response:
 
 
 @router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
-async def health(services: ServicesDep) -> Response:
-    """Real checks of the trade store, the queue and the status store."""
+async def health(services: ServicesDep, known: Annotated[bool, Depends(authenticated)]) -> Response:
+    """Real checks of the trade store, the queue and the status store; each part only to an
+    authenticated caller (when authentication is on), the overall state to anyone."""
     db, kafka, status_store = await asyncio.gather(
         _check(services.trades.ping), _check(services.queue.ping), _check(services.statuses.ping)
     )
     parts = {"db": db, "kafka": kafka, "status_store": status_store}
     healthy = all(v == "ok" for v in parts.values())
-    return _json(200 if healthy else 503, {"status": "ok" if healthy else "degraded", **parts})
+    shown = parts if known else {}
+    return _json(200 if healthy else 503, {"status": "ok" if healthy else "degraded", **shown})

@@ -149,12 +149,13 @@ class TradeOut(BaseModel):
 
 
 class HealthOut(BaseModel):
-    """ "ok" only when every dependency answered; otherwise "degraded" with the failing part."""
+    """ "ok" only when every dependency answered; otherwise "degraded" with the failing part.
+    With authentication on, the parts are shown to authenticated callers only."""
 
     status: str
-    db: str
-    kafka: str
-    status_store: str
+    db: str | None = None
+    kafka: str | None = None
+    status_store: str | None = None
 
 
 class Problem(BaseModel):

@@ -184,7 +184,13 @@ def _terminal(o: Outcome, old: RequestStatus | None) -> RequestStatus:
     status = o.as_status()
     if old is None:
         return status
-    return replace(status, trade_id=old.trade_id, version=old.version, created_at=old.created_at)
+    return replace(
+        status,
+        trade_id=old.trade_id,
+        version=old.version,
+        created_at=old.created_at,
+        client_id=old.client_id,
+    )
 
 
 class FakeQueue:

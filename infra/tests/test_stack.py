@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aws_cdk.assertions import Annotations, Match, Template
-from synth import CERTIFICATE_ARN, Synthesised
+from synth import CERTIFICATE_ARN, Synthesised, synthesise
 from trade_store_infra.stack import (
+    API_KEYS_COMMAND,
+    API_KEYS_FILE,
     API_TABLE_ACTIONS,
     HEALTH_CHECK_PATH,
     RECOVERY_DIR,
@@ -121,15 +124,14 @@ def test_database_url_secret_is_composed_without_a_plaintext_password(dev: Synth
     assert "Endpoint.Address" in text
     assert joined[-1].endswith("/trade_store?sslmode=require")
     # The generated password can go into a URL unescaped.
-    generated = next(s for k, s in secrets.items() if k != url_id)
+    generated = next(s for k, s in secrets.items() if k != url_id and "ApiKeys" not in k)
     excluded = generated["Properties"]["GenerateSecretString"]["ExcludeCharacters"]
     assert set(":/@?#%&+ ") <= set(excluded)
 
     for name in ("api", "processor", "migrate"):
         spec = container(dev.template, name)
-        assert spec["Secrets"] == [
-            {"Name": "TRADE_STORE_DATABASE_URL", "ValueFrom": {"Ref": url_id}}
-        ]
+        database_url = {"Name": "TRADE_STORE_DATABASE_URL", "ValueFrom": {"Ref": url_id}}
+        assert database_url in spec["Secrets"]
         assert "TRADE_STORE_DATABASE_URL" not in env_of(dev.template, name)
 
 
@@ -231,7 +233,7 @@ def test_two_fargate_services_from_one_image(dev: Synthesised) -> None:
 
 
 def test_api_service_behind_the_alb_with_health_check(dev: Synthesised) -> None:
-    assert container(dev.template, "api")["Command"] == ["trade-store", "serve"]
+    assert container(dev.template, "api")["Command"][-1].endswith("exec trade-store serve")
     assert container(dev.template, "api")["PortMappings"] == [
         {"ContainerPort": 8000, "Protocol": "tcp"}
     ]
@@ -446,9 +448,61 @@ def test_prod_parameters(prod: Synthesised) -> None:
     assert env_of(t, "api")["TRADE_STORE_AWS_REGION"] == "eu-west-1"
 
 
+# --- authentication ------------------------------------------------------------------------
+
+
+def test_the_api_reads_its_key_file_from_a_secret_by_default(dev: Synthesised) -> None:
+    api = container(dev.template, "api")
+    env = env_of(dev.template, "api")
+    assert (env["TRADE_STORE_AUTH"], env["TRADE_STORE_API_KEYS_FILE"]) == ("api-key", API_KEYS_FILE)
+    assert api["Command"] == API_KEYS_COMMAND
+    secret_id = logical_id(dev.template, "AWS::SecretsManager::Secret", "ApiKeys")
+    assert {s["Name"]: s["ValueFrom"] for s in api["Secrets"]}["API_KEYS"] == {"Ref": secret_id}
+    placeholder = resources(dev.template, "AWS::SecretsManager::Secret")[secret_id]
+    assert all(
+        line.startswith("#") for line in placeholder["Properties"]["SecretString"].splitlines()
+    )  # no client gets in until keys are put there
+    # Only the API holds the keys, and its execution role may read that secret.
+    for name in ("processor", "migrate"):
+        assert "TRADE_STORE_AUTH" not in env_of(dev.template, name)
+        assert "API_KEYS" not in {s["Name"] for s in container(dev.template, name)["Secrets"]}
+    assert any(
+        "secretsmanager:GetSecretValue" in as_list(st["Action"])
+        and {"Ref": secret_id} in as_list(st["Resource"])
+        for _, st in statements(dev.template)
+    )
+    assert "ApiKeysSecretArn" in dev.template.to_json()["Outputs"]
+
+
+def test_an_existing_key_secret_or_jwt_settings_from_parameters(tmp_path: Path) -> None:
+
+    arn = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:trade-store-keys-AbCdEf"
+    given = synthesise(tmp_path / "keys", api_keys_secret_arn=arn)
+    assert "ApiKeys" not in "".join(resources(given.template, "AWS::SecretsManager::Secret"))
+    secrets = {s["Name"]: s["ValueFrom"] for s in container(given.template, "api")["Secrets"]}
+    assert secrets["API_KEYS"] == arn
+
+    jwt = synthesise(
+        tmp_path / "jwt",
+        auth="jwt",
+        jwt_issuer="https://idp.example/",
+        jwt_audience="trade-store",
+        jwt_jwks_url="https://idp.example/.well-known/jwks.json",
+    )
+    env = env_of(jwt.template, "api")
+    assert env["TRADE_STORE_AUTH"] == "jwt"
+    assert env["TRADE_STORE_JWT_ISSUER"] == "https://idp.example/"
+    assert env["TRADE_STORE_JWT_AUDIENCE"] == "trade-store"
+    assert env["TRADE_STORE_JWT_JWKS_URL"] == "https://idp.example/.well-known/jwks.json"
+    assert container(jwt.template, "api")["Command"] == ["trade-store", "serve"]
+    assert "API_KEYS" not in {s["Name"] for s in container(jwt.template, "api")["Secrets"]}
+
+
 @pytest.mark.parametrize(
     ("params", "message"),
     [
+        ({"auth": "none"}, "auth must be api-key or jwt"),
+        ({"auth": "jwt", "jwt_issuer": "https://idp/"}, "auth jwt needs"),
         ({"processor_count": 2}, "processor_count must be 0 or 1"),
         ({"api_min_tasks": 4, "api_max_tasks": 2}, "api_min_tasks"),
         ({"api_min_tasks": 0}, "api_min_tasks"),

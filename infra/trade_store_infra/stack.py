@@ -57,6 +57,20 @@ DB_NAME = "trade_store"
 DB_USER = "trade_store"
 RECOVERY_MOUNT = "/var/lib/trade-store"
 RECOVERY_DIR = f"{RECOVERY_MOUNT}/recovery"
+API_KEYS_FILE = "/etc/trade-store/api-keys"  # the Dockerfile makes its folder, for uid 10001
+# ECS injects a secret as an environment variable, not a file: the API's command writes the
+# key file from it (0600, in the container only) before it starts the server.
+API_KEYS_VARIABLE = "API_KEYS"
+API_KEYS_COMMAND = [
+    "sh",
+    "-c",
+    f'umask 077 && printf \'%s\\n\' "${API_KEYS_VARIABLE}" > "$TRADE_STORE_API_KEYS_FILE"'
+    f" && unset {API_KEYS_VARIABLE} && exec trade-store serve",
+]
+API_KEYS_PLACEHOLDER = (
+    "# trade-store API keys, one line per key (README: Authentication); put lines made by\n"
+    "# `trade-store keys add` here, then redeploy the API service.\n"
+)
 
 # Only what the Dockerfile needs is hashed and sent to the build: no virtualenvs, service
 # data, caches, git history, nor this CDK app (whose cdk.out would contain the repo again).
@@ -130,6 +144,10 @@ class TradeStoreStack(Stack):
     - ``internet_facing`` / ``certificate_arn``: the ALB's scheme; HTTPS when a certificate
       is given (port 80 then redirects).
     - ``run_migrations``: run the migrate task on every deployment, before the services.
+    - ``auth``: how the API authenticates its clients, ``api-key`` (the key file's content
+      from a Secrets Manager secret: ``api_keys_secret_arn``, or one the stack creates) or
+      ``jwt`` (``jwt_issuer``, ``jwt_audience`` and ``jwt_jwks_url`` required). Never
+      ``none``: the load balancer may face the internet.
     """
 
     def __init__(
@@ -149,6 +167,11 @@ class TradeStoreStack(Stack):
         certificate_arn: str | None = None,
         run_migrations: bool = True,
         image_directory: Path = REPO_ROOT,
+        auth: str = "api-key",
+        api_keys_secret_arn: str | None = None,
+        jwt_issuer: str | None = None,
+        jwt_audience: str | None = None,
+        jwt_jwks_url: str | None = None,
         **kwargs: Any,
     ) -> None:
         if processor_count not in (0, 1):
@@ -161,6 +184,10 @@ class TradeStoreStack(Stack):
             raise ValueError(f"need 1 <= api_min_tasks ({api_min_tasks}) <= api_max_tasks")
         if processor_workers < 1:
             raise ValueError("processor_workers must be at least 1")
+        if auth not in ("api-key", "jwt"):
+            raise ValueError(f"auth must be api-key or jwt, not {auth!r}")
+        if auth == "jwt" and not (jwt_issuer and jwt_audience and jwt_jwks_url):
+            raise ValueError("auth jwt needs jwt_issuer, jwt_audience and jwt_jwks_url")
         super().__init__(scope, construct_id, **kwargs)
         self.env_name = env_name
         self.prod = env_name == "prod"
@@ -171,6 +198,16 @@ class TradeStoreStack(Stack):
         self._database(db_instance_type)
         self._status_table()
         self._recovery_volume()
+        if auth == "api-key":
+            self._api_keys(api_keys_secret_arn)
+        else:
+            self.api_keys = None
+            self.api_auth_env = {
+                "TRADE_STORE_AUTH": "jwt",
+                "TRADE_STORE_JWT_ISSUER": str(jwt_issuer),
+                "TRADE_STORE_JWT_AUDIENCE": str(jwt_audience),
+                "TRADE_STORE_JWT_JWKS_URL": str(jwt_jwks_url),
+            }
         self._task_definitions(image_directory, processor_workers)
         self._services(processor_count, api_min_tasks, api_max_tasks)
         self._load_balancer(internet_facing, certificate_arn)
@@ -393,6 +430,26 @@ class TradeStoreStack(Stack):
             posix_user=efs.PosixUser(uid="1000", gid="1000"),
         )
 
+    # --- API keys --------------------------------------------------------------------------
+
+    def _api_keys(self, secret_arn: str | None) -> None:
+        """The key file's content in Secrets Manager: the given secret, or a new one holding
+        only a comment (no client gets in until keys are put there)."""
+        self.api_keys: secretsmanager.ISecret | None = (
+            secretsmanager.Secret.from_secret_complete_arn(self, "ApiKeys", secret_arn)
+            if secret_arn
+            else secretsmanager.Secret(
+                self,
+                "ApiKeys",
+                description="TRADE_STORE_API_KEYS_FILE content for trade-store's API",
+                secret_string_value=SecretValue.unsafe_plain_text(API_KEYS_PLACEHOLDER),
+            )
+        )
+        self.api_auth_env = {
+            "TRADE_STORE_AUTH": "api-key",
+            "TRADE_STORE_API_KEYS_FILE": API_KEYS_FILE,
+        }
+
     # --- ECS task definitions ------------------------------------------------------------
 
     def _task_definitions(self, image_directory: Path, processor_workers: int) -> None:
@@ -456,16 +513,18 @@ class TradeStoreStack(Stack):
             )
             return definition, container
 
-        # API: uvicorn, two worker processes per task.
+        # API: uvicorn, two worker processes per task, behind the authentication chosen.
         self.api_task, api = task_definition(
             "api",
             1024,
             2048,
-            ["trade-store", "serve"],
+            API_KEYS_COMMAND if self.api_keys else ["trade-store", "serve"],
             API_TABLE_ACTIONS,
-            {"TRADE_STORE_API_WORKERS": "2"},
+            {"TRADE_STORE_API_WORKERS": "2", **self.api_auth_env},
         )
         api.add_port_mappings(ecs.PortMapping(container_port=API_PORT))
+        if self.api_keys:
+            api.add_secret(API_KEYS_VARIABLE, ecs.Secret.from_secrets_manager(self.api_keys))
 
         # Processor: the Bytewax dataflow; recovery snapshots on EFS outlive the task.
         self.processor_task, processor = task_definition(
@@ -685,5 +744,7 @@ class TradeStoreStack(Stack):
         CfnOutput(self, "KafkaBootstrapServers", value=self.bootstrap_servers)
         CfnOutput(self, "StatusTableName", value=self.status_table.table_name)
         CfnOutput(self, "DatabaseUrlSecretArn", value=self.database_url.secret_arn)
+        if self.api_keys:
+            CfnOutput(self, "ApiKeysSecretArn", value=self.api_keys.secret_arn)
         CfnOutput(self, "ClusterName", value=self.cluster.cluster_name)
         CfnOutput(self, "MigrateCommand", value=migrate_command)

@@ -13,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 
 from adapters.dynamodb import DynamoStatusStore, make_client
-from adapters.sqlite_status import SqliteStatusStore
+from adapters.sqlite_status import STATUS_SCHEMA, SqliteStatusStore
 from config.settings import Settings
 from domain.ports import OutcomeWriter, PendingWriter, StatusReader, Unavailable
 from domain.status import Outcome, ReasonCode, RequestState, RequestStatus
@@ -160,6 +162,27 @@ async def test_a_dead_letter_only_moves_pending_to_failed(store: StatusStore) ->
     assert raw(store, waiting) == once
 
 
+async def test_the_submitting_client_survives_outcomes_and_dead_letters(
+    store: StatusStore,
+) -> None:
+    """GET /api/v1/requests/{id} shows a request only to the client that submitted it, so
+    the PENDING record's client id must outlive every terminal write."""
+    decided, dead = unique("r"), unique("r")
+    for rid in (decided, dead):
+        await store.put_pending(replace(pending(rid), client_id=f"client-of-{rid}"))
+        assert store.get(rid).client_id == f"client-of-{rid}"  # type: ignore[union-attr]
+    store.write_outcomes([logged(decided)])
+    store.fail_pending([logged(dead, RequestState.FAILED, ReasonCode.INVALID_MESSAGE)])
+    for rid, state in ((decided, RequestState.SUCCESS), (dead, RequestState.FAILED)):
+        got = store.get(rid)
+        assert got is not None
+        assert (got.state, got.client_id) == (state, f"client-of-{rid}")
+    anonymous = unique("r")
+    await store.put_pending(pending(anonymous))
+    store.write_outcomes([logged(anonymous)])
+    assert store.get(anonymous).client_id is None  # type: ignore[union-attr]
+
+
 def test_outcome_without_pending_record(store: StatusStore) -> None:
     """A decided request whose PENDING record is gone (expired, or a rebuilt status store)
     still ends terminal and readable."""
@@ -201,6 +224,26 @@ async def test_expired_records_are_hidden(store: StatusStore) -> None:
     old = unique("r")
     store.write_outcomes([logged(old, decided_at=datetime.now(UTC) - timedelta(days=8))])
     assert store.get(old) is None  # expiry counts from the logged decision
+
+
+async def test_a_status_file_from_before_authentication_gains_client_id(tmp_path: Path) -> None:
+    path = tmp_path / "inbound.db"
+    old, new = unique("r"), unique("r")
+    at = datetime.now(UTC)
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.executescript(STATUS_SCHEMA.replace(",\n    client_id TEXT", ""))
+        conn.execute(
+            "INSERT INTO request_status VALUES (?, 'PENDING', 'T1', 3, ?, ?, NULL, NULL, ?)",
+            (old, at.isoformat(), at.isoformat(), int(at.timestamp()) + 3600),
+        )
+    conn.close()
+    store = SqlitePending(path, ttl_days=7)
+    store.ensure_schema()
+    store.ensure_schema()  # and again: nothing left to add
+    assert store.get(old).client_id is None  # type: ignore[union-attr]
+    await store.put_pending(replace(pending(new), client_id="feed-1"))
+    assert store.get(new).client_id == "feed-1"  # type: ignore[union-attr]
 
 
 def test_ensure_table_is_idempotent(status_store: DynamoStatusStore) -> None:

@@ -22,7 +22,7 @@ from adapters.dynamodb_wire import (
     Rounds,
     Signer,
     parse,
-    terminal_rounds,
+    stored_rounds,
     write_rounds,
 )
 from domain.ports import Unavailable
@@ -149,10 +149,14 @@ def found(*items: tuple[str, str], unread: list[str] | None = None) -> Reply:
     return 200, orjson.dumps(body)
 
 
-def test_terminal_reads_consistently_keeps_the_terminal_and_rereads_unprocessed_keys() -> None:
+def test_stored_reads_consistently_keeps_what_is_found_and_rereads_unprocessed_keys() -> None:
     replies = [found(("a", "SUCCESS"), ("b", "PENDING"), unread=["c", "d"]), found(("c", "FAILED"))]
-    calls, terminal = drive(terminal_rounds(TABLE, ["a", "b", "c", "d"]), replies)
-    assert terminal == {"a", "c"}  # d is absent
+    calls, stored = drive(stored_rounds(TABLE, ["a", "b", "c", "d"]), replies)
+    assert {rid: item["status"]["S"] for rid, item in stored.items()} == {
+        "a": "SUCCESS",
+        "b": "PENDING",
+        "c": "FAILED",
+    }  # d is absent
     (_, operation, first), (delay, _, second) = calls
     assert operation == "BatchGetItem"
     assert first["ConsistentRead"] is True
@@ -161,7 +165,7 @@ def test_terminal_reads_consistently_keeps_the_terminal_and_rereads_unprocessed_
 
 
 def test_keys_never_read_fail_after_ten_rounds() -> None:
-    rounds = terminal_rounds(TABLE, ["a"])
+    rounds = stored_rounds(TABLE, ["a"])
     next(rounds)
     for _ in ROUNDS_S[1:]:
         rounds.send(found(unread=["a"]))
@@ -232,9 +236,13 @@ def test_the_blocking_writer_puts_again_what_is_left(server: Scripted) -> None:
     assert headers["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
 
 
-def test_the_blocking_writer_reads_which_are_terminal(server: Scripted) -> None:
+def test_the_blocking_writer_reads_what_is_stored(server: Scripted) -> None:
     server.replies = [found(("a", "FAILED"), ("b", "PENDING"))]
-    assert BatchWriter(client_for(server.url), TABLE).terminal(["a", "b"]) == {"a"}
+    stored = BatchWriter(client_for(server.url), TABLE).stored(["a", "b"])
+    assert {rid: item["status"]["S"] for rid, item in stored.items()} == {
+        "a": "FAILED",
+        "b": "PENDING",
+    }
 
 
 def test_an_unreachable_store_is_unavailable_to_the_blocking_writer() -> None:
