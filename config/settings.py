@@ -74,6 +74,13 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
 
+    # Per-client quotas (README "Quotas"): token buckets per client id (per IP without
+    # authentication) in each API worker; 0 = unlimited. A key file's own rates win.
+    quota_writes_per_second: float = Field(default=1000.0, ge=0)  # trades
+    quota_reads_per_second: float = Field(default=1000.0, ge=0)  # requests
+    quota_burst_seconds: int = Field(default=2, ge=1)  # a bucket holds this many seconds' rate
+    quota_max_clients: int = Field(default=10_000, ge=1)  # buckets kept per policy (LRU)
+
     @property
     def embedded(self) -> bool:
         return self.profile == "embedded"

@@ -21,6 +21,7 @@ from domain.trade import Rejected
 from domain.use_cases import accept, trade_page
 from ingest_api.deps import ServicesDep, SettingsDep
 from ingest_api.problems import MEDIA_TYPE, ProblemError
+from ingest_api.quotas import OVER_QUOTA, quota
 from ingest_api.schemas import AcceptedOut, HealthOut, Problem, RequestOut, TradeIn, TradeOut
 
 router = APIRouter(prefix="/api/v1")
@@ -42,8 +43,10 @@ def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Resp
         400: {**PROBLEM, "description": "Maturity date before today (code MATURITY_PASSED)"},
         413: {**PROBLEM, "description": "Body too large"},
         422: {**PROBLEM, "description": "Malformed or invalid body"},
+        **OVER_QUOTA,
         **UNAVAILABLE,
     },
+    dependencies=[quota("writes")],
 )
 async def submit_trade(
     body: TradeIn, request: Request, services: ServicesDep, settings: SettingsDep
@@ -70,7 +73,8 @@ async def submit_trade(
 @router.get(
     "/requests/{request_id}",
     response_model=RequestOut,
-    responses={404: {**PROBLEM, "description": "Unknown request id"}, **UNAVAILABLE},
+    responses={404: {**PROBLEM, "description": "Unknown request id"}, **OVER_QUOTA, **UNAVAILABLE},
+    dependencies=[quota("reads")],
 )
 async def get_request(request_id: str, services: ServicesDep, settings: SettingsDep) -> Response:
     """The status of one submission: PENDING, then SUCCESS or FAILED with a reason."""
@@ -112,7 +116,8 @@ def decode_cursor(cursor: str) -> tuple[str, int]:
 @router.get(
     "/trades",
     response_model=list[TradeOut],
-    responses={400: {**PROBLEM, "description": "Invalid cursor"}, **UNAVAILABLE},
+    responses={400: {**PROBLEM, "description": "Invalid cursor"}, **OVER_QUOTA, **UNAVAILABLE},
+    dependencies=[quota("reads")],
 )
 def list_trades(
     request: Request,
@@ -142,7 +147,8 @@ def list_trades(
 @router.get(
     "/trades/{trade_id}",
     response_model=list[TradeOut],
-    responses={404: {**PROBLEM, "description": "No stored version"}, **UNAVAILABLE},
+    responses={404: {**PROBLEM, "description": "No stored version"}, **OVER_QUOTA, **UNAVAILABLE},
+    dependencies=[quota("reads")],
 )
 def get_trade(trade_id: str, services: ServicesDep, settings: SettingsDep) -> Response:
     """Every stored version of one trade, ascending."""
