@@ -118,6 +118,9 @@ class Stage:
                 "TRADE_STORE_DATA_DIR": str(self.dir / "data"),
                 "TRADE_STORE_RECOVERY_DIR": str(self.dir / "recovery"),
                 "TRADE_STORE_LOG_FORMAT": "json",
+                # The load comes from one address at thousands/s: no per-client quotas.
+                "TRADE_STORE_QUOTA_WRITES_PER_SECOND": "0",
+                "TRADE_STORE_QUOTA_READS_PER_SECOND": "0",
                 "PYTHONUNBUFFERED": "1",
                 **extra,
             }

@@ -86,6 +86,13 @@ class Settings(BaseSettings):
     jwt_leeway_seconds: float = Field(default=30.0, ge=0)
     jwt_jwks_cache_seconds: float = Field(default=300.0, gt=0)
 
+    # Per-client quotas (README "Quotas"): token buckets per client id (per IP without
+    # authentication) in each API worker; 0 = unlimited. A key file's own rates win.
+    quota_writes_per_second: float = Field(default=1000.0, ge=0)  # trades
+    quota_reads_per_second: float = Field(default=1000.0, ge=0)  # requests
+    quota_burst_seconds: int = Field(default=2, ge=1)  # a bucket holds this many seconds' rate
+    quota_max_clients: int = Field(default=10_000, ge=1)  # buckets kept per policy (LRU)
+
     @property
     def embedded(self) -> bool:
         return self.profile == "embedded"

@@ -13,7 +13,7 @@ from adapters.wiring import Services, api_services
 from config.logs import configure_logging
 from config.runtime import tune_gc
 from config.settings import Settings, get_settings
-from ingest_api import auth, problems
+from ingest_api import auth, problems, quotas
 from ingest_api.middleware import BodyLimitMiddleware, CorrelationMiddleware
 from ingest_api.routes import router
 
@@ -57,6 +57,7 @@ def create_app(
     )
     problems.install(app, settings.retry_after_seconds)
     auth.install(app, settings)
+    quotas.install(app, settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(CorrelationMiddleware)
     app.include_router(router)

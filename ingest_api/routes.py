@@ -31,9 +31,15 @@ from ingest_api.auth import (
 )
 from ingest_api.deps import ServicesDep, SettingsDep
 from ingest_api.problems import MEDIA_TYPE, ProblemError
+from ingest_api.quotas import OVER_QUOTA, quota
 from ingest_api.schemas import AcceptedOut, HealthOut, Problem, RequestOut, TradeIn, TradeOut
 
 router = APIRouter(prefix="/api/v1")
+# One callable per scope: listed first in a route's dependencies, so the caller is known
+# before its quota is charged, and, asked again as a parameter, run once (FastAPI caches it).
+WRITES_TRADES = require(TRADES_WRITE)
+READS_TRADES = require(TRADES_READ)
+READS_REQUESTS = require(REQUESTS_READ)
 PROBLEM: dict[str, Any] = {"model": Problem, "content": {MEDIA_TYPE: {}}}
 UNAVAILABLE: dict[int | str, dict[str, Any]] = {
     503: {**PROBLEM, "description": "A dependency is down; retry after Retry-After"}
@@ -53,15 +59,17 @@ def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Resp
         413: {**PROBLEM, "description": "Body too large"},
         422: {**PROBLEM, "description": "Malformed or invalid body"},
         **AUTHENTICATED,
+        **OVER_QUOTA,
         **UNAVAILABLE,
     },
+    dependencies=[Depends(WRITES_TRADES), quota("writes")],
 )
 async def submit_trade(
     body: TradeIn,
     request: Request,
     services: ServicesDep,
     settings: SettingsDep,
-    client: Annotated[Client | None, Depends(require(TRADES_WRITE))],
+    client: Annotated[Client | None, Depends(WRITES_TRADES)],
 ) -> Response:
     """Accept a trade version; 202 once it is durably queued and its request is PENDING."""
     today = business_today(settings.business_timezone)
@@ -95,14 +103,16 @@ async def submit_trade(
     responses={
         404: {**PROBLEM, "description": "Unknown request id, or another client's"},
         **AUTHENTICATED,
+        **OVER_QUOTA,
         **UNAVAILABLE,
     },
+    dependencies=[Depends(READS_REQUESTS), quota("reads")],
 )
 async def get_request(
     request_id: str,
     services: ServicesDep,
     settings: SettingsDep,
-    client: Annotated[Client | None, Depends(require(REQUESTS_READ))],
+    client: Annotated[Client | None, Depends(READS_REQUESTS)],
 ) -> Response:
     """The status of one submission: PENDING, then SUCCESS or FAILED with a reason."""
     status = None
@@ -143,8 +153,13 @@ def decode_cursor(cursor: str) -> tuple[str, int]:
 @router.get(
     "/trades",
     response_model=list[TradeOut],
-    responses={400: {**PROBLEM, "description": "Invalid cursor"}, **AUTHENTICATED, **UNAVAILABLE},
-    dependencies=[Depends(require(TRADES_READ))],
+    responses={
+        400: {**PROBLEM, "description": "Invalid cursor"},
+        **AUTHENTICATED,
+        **OVER_QUOTA,
+        **UNAVAILABLE,
+    },
+    dependencies=[Depends(READS_TRADES), quota("reads")],
 )
 def list_trades(
     request: Request,
@@ -177,9 +192,10 @@ def list_trades(
     responses={
         404: {**PROBLEM, "description": "No stored version"},
         **AUTHENTICATED,
+        **OVER_QUOTA,
         **UNAVAILABLE,
     },
-    dependencies=[Depends(require(TRADES_READ))],
+    dependencies=[Depends(READS_TRADES), quota("reads")],
 )
 def get_trade(trade_id: str, services: ServicesDep, settings: SettingsDep) -> Response:
     """Every stored version of one trade, ascending."""

@@ -348,6 +348,9 @@ def fault_settings(base: Settings, name: str, tmp: Path) -> Settings:
             "recovery_dir": tmp / "recovery",
             "port": free_port(),
             "source_batch_size": 200,
+            # The load and the sampler share one address: the suite measures faults, not quotas.
+            "quota_writes_per_second": 0,
+            "quota_reads_per_second": 0,
         }
     )
 

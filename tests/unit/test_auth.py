@@ -715,3 +715,22 @@ def test_keys_add_needs_the_key_file_setting(
 ) -> None:
     assert main(["keys", "add", "feed-1", "--scopes", "trades:read"]) == 2
     assert "TRADE_STORE_API_KEYS_FILE" in capsys.readouterr().err
+
+
+def test_the_quota_counts_the_authenticated_client_not_its_address(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """Authentication runs before the quota: a key's own rate (a burst of one here) throttles
+    that client, while another client from the same address still gets through."""
+    key_file.write_text(
+        key_line("slow", "trades:write", "0.5/0.5") + "\n" + key_line("other", "trades:write")
+    )
+    settings = Settings(
+        data_dir=tmp_path, auth="api-key", api_keys_file=key_file, quota_burst_seconds=2
+    )
+    with running(settings) as api:
+        slow = {"X-API-Key": key_of("slow")}
+        answers = [api.call("POST", "/api/v1/trades", slow, "slow").status_code for _ in range(2)]
+        assert answers == [202, 429]
+        other = {"X-API-Key": key_of("other")}
+        assert api.call("POST", "/api/v1/trades", other, "other").status_code == 202
