@@ -14,10 +14,13 @@ import sys
 import time
 from types import FrameType
 
+import structlog
+
 from cli.migrate import migrate
 from config.settings import Settings
 
 STOP_TIMEOUT_S = 20
+log = structlog.get_logger("dev")
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -45,10 +48,8 @@ def _stop(children: list[subprocess.Popen[bytes]]) -> None:
 
 def run(settings: Settings, host: str, port: int) -> int:
     if port_in_use(host, port):
-        print(
-            f"trade-store dev: {host}:{port} is already in use; stop what holds it or pass"
-            " --port N",
-            file=sys.stderr,
+        log.error(
+            f"trade-store dev: {host}:{port} is already in use; stop what holds it or pass --port N"
         )
         return 2
     migrate(settings)
@@ -74,17 +75,16 @@ def run(settings: Settings, host: str, port: int) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     where = settings.data_dir.resolve() if settings.embedded else "Kafka/PostgreSQL/DynamoDB"
-    print(
+    log.info(
         f"trade-store dev ({settings.profile}): API on http://{host}:{port}/docs, data in"
-        f" {where}. Ctrl-C stops.",
-        file=sys.stderr,
+        f" {where}. Ctrl-C stops."
     )
     while not stopping and all(child.poll() is None for child in children):
         time.sleep(0.2)
     crashed = [name for name, child in named.items() if child.poll() is not None]
     _stop(children)
     if crashed and not stopping:
-        print(f"trade-store dev: {', '.join(crashed)} exited; stopped both", file=sys.stderr)
+        log.error(f"trade-store dev: {', '.join(crashed)} exited; stopped both")
         return 1
-    print("trade-store dev: stopped", file=sys.stderr)
+    log.info("trade-store dev: stopped")
     return 0

@@ -8,7 +8,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from config.logs import configure_logging
+import structlog
+
+from config.logs import capture_uncaught, configure_logging
 from config.settings import Settings, get_settings
 
 
@@ -226,12 +228,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     get_settings.cache_clear()
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
+    capture_uncaught()
     from adapters.inbound_log import PartitionCountMismatch
 
     try:
         code: int = args.handler(settings, args)
     except PartitionCountMismatch as exc:
-        print(f"trade-store {args.command}: refusing to start: {exc}", file=sys.stderr)
+        structlog.get_logger("cli").error(f"trade-store {args.command}: refusing to start: {exc}")
         return 2
     return code
 

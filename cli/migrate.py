@@ -3,15 +3,17 @@ so ``cli.dev`` need not import ``cli.main``."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+import structlog
 from alembic import command
 from alembic.config import Config
 
 import migrations
 from adapters import wiring
 from config.settings import Settings
+
+log = structlog.get_logger("migrate")
 
 
 def migrate(settings: Settings) -> None:
@@ -25,5 +27,5 @@ def migrate(settings: Settings) -> None:
     config.set_main_option("script_location", str(Path(migrations.__file__).parent))
     config.set_main_option("sqlalchemy.url", settings.trade_store_url.replace("%", "%%"))
     command.upgrade(config, "head")
-    print(f"trade store ({settings.profile}): migrated to head", file=sys.stderr)
-    print(f"status store: {wiring.prepare_status_store(settings)} ready", file=sys.stderr)
+    log.info(f"trade store ({settings.profile}): migrated to head")
+    log.info(f"status store: {wiring.prepare_status_store(settings)} ready")

@@ -1,0 +1,179 @@
+"""The logs of real `serve` and `process` processes (embedded profile): in JSON mode every
+line either writes is JSON, uvicorn's own included; the console shows a hostile request
+path escaped; a normal stop prints no panic or traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from config.settings import Settings
+from tests.conftest import settings_env
+from tests.support import LOGS, free_port, start, stop, wait_for
+
+# Percent-encoded, as a client can send it: clear the screen, ring the bell, then a
+# right-to-left override; the API logs the decoded path (a 404 is logged at INFO).
+HOSTILE = "/%1B%5B2J%07%E2%80%AEtxt.exe"
+DECODED = "/\x1b[2J\x07\u202etxt.exe"
+ESCAPED = "/\\x1b[2J\\x07\\u202etxt.exe"
+# Characters that must never reach a terminal raw (line ends aside).
+UNSAFE = re.compile(
+    "[\x00-\x09\x0b\x0c\x0e-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2066-\u2069]"
+)
+SGR = re.compile("\x1b\\[[0-9;]*m")  # the console's own colours
+TLS_HELLO = bytes.fromhex("16030100a5010000a103035f")  # what a TLS client sends first
+
+
+def fresh_log(name: str) -> Path:
+    log = LOGS / f"{name}.log"
+    log.unlink(missing_ok=True)
+    return log
+
+
+def records(log: Path) -> list[dict[str, Any]]:
+    """Every line of ``log`` as JSON: ASCII only, and nothing else on any line."""
+    data = log.read_bytes()
+    assert data.isascii(), "JSON lines escape every non-ASCII character"
+    lines = data.decode().splitlines()
+    raw = [line for line in lines if not line.startswith("{")]
+    assert not raw, f"raw lines in {log.name}: {raw[:5]}"
+    assert not any(UNSAFE.search(line) for line in lines)
+    return [json.loads(line) for line in lines]
+
+
+def live(client: httpx.Client) -> bool:
+    try:
+        return client.get("/api/v1/health/live").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def send_raw(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(data)
+        return conn.recv(4096)
+
+
+def test_json_logs_of_serve_and_process_are_json_lines_to_the_last(tmp_path: Path) -> None:
+    """``serve`` on ``auto`` (off a TTY: JSON), ``process`` on ``json``; each SIGTERMed."""
+    settings = Settings(profile="embedded", data_dir=tmp_path / "data", port=free_port())
+    env = settings_env(settings)  # TRADE_STORE_LOG_FORMAT=json
+    serve_log, process_log = fresh_log("logs-serve"), fresh_log("logs-process")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=10)
+    serve = start("logs-serve", ["serve"], {**env, "TRADE_STORE_LOG_FORMAT": "auto"})
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        wait_for(lambda: live(client), 60, "API up")
+        process = start("logs-process", ["process", "--no-migrate"], env)
+        wait_for(lambda: "processor started" in process_log.read_text(), 60, "processor up")
+        assert send_raw(settings.port, TLS_HELLO).startswith(b"HTTP/1.1 400")
+        assert client.get(HOSTILE).status_code == 404
+    finally:
+        process_exit = stop(process, signal.SIGTERM) if process else None
+        serve_exit = stop(serve, signal.SIGTERM)
+        client.close()
+    assert process_exit == 0
+    # uvicorn re-raises the signal it stopped on once it has shut down gracefully.
+    assert serve_exit in (0, -signal.SIGTERM)
+
+    api = records(serve_log)
+    invalid = [r for r in api if r["event"] == "Invalid HTTP request received."]
+    assert [(r["logger"], r["level"]) for r in invalid] == [("uvicorn.error", "warning")]
+    (hostile,) = [r for r in api if r.get("path") == DECODED]
+    assert (hostile["event"], hostile["status"]) == ("request", 404)
+    assert hostile["correlation_id"]
+    assert "\\u001b[2J\\u0007\\u202etxt.exe" in serve_log.read_text()
+    events = {r["event"] for r in api}
+    assert {"api started", "Application shutdown complete.", "api stopped"} <= events
+    flow = records(process_log)
+    assert flow[-1]["event"] == "processor stopped"
+    for log in (serve_log, process_log):
+        text = log.read_text().lower()
+        assert "panic" not in text
+        assert "traceback" not in text
+
+
+def test_a_processor_interrupted_twice_stops_cleanly(tmp_path: Path) -> None:
+    """Ctrl-C under `dev` brings the processor SIGINT from the terminal, then SIGTERM."""
+    settings = Settings(profile="embedded", data_dir=tmp_path / "data")
+    log = fresh_log("logs-process-twice")
+    process = start("logs-process-twice", ["process"], settings_env(settings))
+    try:
+        wait_for(lambda: "processor started" in log.read_text(), 60, "processor up")
+        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+    finally:
+        stop(process)
+    flow = records(log)
+    assert [r["event"] for r in flow].count("processor stopped") == 1
+    assert "panic" not in log.read_text().lower()
+    assert not [r for r in flow if "exception" in r]
+
+
+def test_a_processor_that_cannot_start_logs_its_traceback_as_a_field(tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "recovery"
+    not_a_folder.write_text("")
+    settings = Settings(profile="embedded", data_dir=tmp_path / "data", recovery_dir=not_a_folder)
+    log = fresh_log("logs-process-fails")
+    process = start("logs-process-fails", ["process"], settings_env(settings))
+    assert process.wait(60) == 1
+    failed = records(log)[-1]
+    assert (failed["event"], failed["level"]) == ("uncaught exception", "critical")
+    assert failed["exception"].startswith("Traceback (most recent call last):\n")
+    assert "NotADirectoryError" in failed["exception"].splitlines()[-1]
+
+
+def test_the_console_on_a_tty_shows_a_hostile_path_escaped(tmp_path: Path) -> None:
+    """``auto`` on a terminal: coloured console lines, the client's bytes escaped."""
+    settings = Settings(profile="embedded", data_dir=tmp_path / "data", port=free_port())
+    env = {**settings_env(settings), "TRADE_STORE_LOG_FORMAT": "auto"}
+    terminal, child_side = pty.openpty()
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "serve"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=child_side,
+        stderr=child_side,
+    )
+    os.close(child_side)
+    shown = bytearray()
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:  # the child side closed
+                return
+            if not chunk:
+                return
+            shown.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    client = httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=10)
+    try:
+        wait_for(lambda: live(client), 60, "API up")
+        assert client.get(HOSTILE).status_code == 404
+        wait_for(lambda: ESCAPED.encode() in shown, 10, "the request line")
+    finally:
+        stop(serve, signal.SIGINT)
+        client.close()
+        reader.join(10)
+        os.close(terminal)
+    text = shown.decode()
+    assert SGR.search(text), "a terminal gets colours"
+    assert not UNSAFE.search(SGR.sub("", text))
+    (line,) = [line for line in text.splitlines() if ESCAPED in line]
+    assert f"path='{ESCAPED}'" in SGR.sub("", line)
