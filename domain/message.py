@@ -58,20 +58,21 @@ def quoted(value: object) -> str:
 
 
 # What an id may not contain: controls (Cc), format characters (Cf: bidi overrides, zero-width
-# characters, tags), surrogates, private use, separators but the space, the noncharacters
-# U+FFFE/U+FFFF, and "/" (an id is a path segment).
-# Written out so the same text is the OpenAPI pattern; tests check it covers every such
-# character of the running Python's Unicode database.
+# characters, tags), private use, separators but the space, the noncharacters U+FFFE/U+FFFF,
+# and "/" (an id is a path segment). Written out so the same text is the OpenAPI pattern
+# (tests hold it to the running Python's Unicode database). Lone surrogates, which JSON can
+# spell but no text holds, are refused apart: schema validators' regexes cannot name them.
 _NOT_IN_ID = (
     r"\x00-\x1f\x7f-\x9f\xa0\xad/\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2"
     r"\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000"
-    r"\ud800-\uf8ff\ufeff\ufff9-\ufffb\ufffe\uffff\U000110bd\U000110cd\U00013430-\U0001343f"
+    r"\ue000-\uf8ff\ufeff\ufff9-\ufffb\ufffe\uffff\U000110bd\U000110cd\U00013430-\U0001343f"
     r"\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f"
     r"\U000f0000-\U0010ffff"
 )
 # 1 to 64 other characters, the space allowed only inside.
 ID_PATTERN = rf"[^ {_NOT_IN_ID}](?:[^{_NOT_IN_ID}]{{0,{MAX_ID_LENGTH - 2}}}[^ {_NOT_IN_ID}])?"
 _ID = re.compile(ID_PATTERN)
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def normalise_id(value: str) -> str:
@@ -84,6 +85,7 @@ def valid_id(value: object) -> bool:
     return (
         isinstance(value, str)
         and _ID.fullmatch(value) is not None
+        and _SURROGATE.search(value) is None
         and unicodedata.is_normalized("NFC", value)
     )
 

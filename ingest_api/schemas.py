@@ -43,6 +43,14 @@ ID_SCHEMA: dict[str, Any] = {
 Identifier = Annotated[str, AfterValidator(_identifier), WithJsonSchema(ID_SCHEMA)]
 
 
+def _whole_number(value: object) -> object:
+    """JSON Schema's integer, which the OpenAPI document promises: 7 and 7.0 alike, never
+    7.5, "7" or true."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _iso_date(value: object) -> object:
     """Only ISO dates (YYYY-MM-DD) as strings: no timestamps, no other formats."""
     if isinstance(value, date):
@@ -75,7 +83,7 @@ class TradeIn(BaseModel):
     )
 
     trade_id: Identifier
-    version: Annotated[StrictInt, Field(ge=1, le=MAX_VERSION)]
+    version: Annotated[StrictInt, Field(ge=1, le=MAX_VERSION), BeforeValidator(_whole_number)]
     counterparty_id: Identifier
     book_id: Identifier
     maturity_date: IsoDate

@@ -155,6 +155,17 @@ def test_ids_outside_the_grammar_are_422(serve: Serve, bad: str) -> None:
     assert is_problem(reply, 422, "VALIDATION_ERROR")["field"] == "book_id"
 
 
+def test_a_version_is_a_json_schema_integer(serve: Serve) -> None:
+    """7.0 is the integer 7 to JSON Schema, and so to the API; 7.5, "7" and true are not."""
+    client = serve()
+    accepted = client.post("/api/v1/trades", json=trade(version=7.0))
+    assert accepted.status_code == 202
+    assert accepted.json()["version"] == 7
+    for version in (7.5, "7", True):
+        reply = client.post("/api/v1/trades", json=trade(version=version))
+        assert is_problem(reply, 422, "VALIDATION_ERROR")["field"] == "version"
+
+
 def test_ids_are_nfc_everywhere(serve: Serve) -> None:
     """One spelling of "é": the decomposed form submitted, filtered on or looked up is the
     composed one stored."""
@@ -417,6 +428,7 @@ def test_headers_links_and_the_id_grammar_are_documented(document: dict[str, Any
     assert "Link" in paths["/api/v1/trades"]["get"]["responses"]["200"]["headers"]
     body = document["components"]["schemas"]["TradeIn"]["properties"]
     assert body["trade_id"]["pattern"] == ID_SCHEMA["pattern"]
+    assert (body["version"]["minimum"], body["version"]["maximum"]) == (1, 2**31 - 1)
     [trade_id] = paths["/api/v1/trades/{trade_id}"]["get"]["parameters"]
     assert trade_id["schema"]["pattern"] == ID_SCHEMA["pattern"]
     query = {p["name"]: p["schema"] for p in paths["/api/v1/trades"]["get"]["parameters"]}
