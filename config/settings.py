@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, HttpUrl, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -120,6 +120,19 @@ class Settings(BaseSettings):
         a replayed request must still find its logged outcome."""
         kept = max(timedelta(days=self.status_ttl_days), self.inbound_retention)
         return kept + timedelta(days=self.decision_log_margin_days)
+
+    # The HTTP contract (README "The HTTP API"): URLs the API writes, proxies, browsers.
+    # Link and Location are relative, or absolute from this base (never from the Host header).
+    public_base_url: HttpUrl | None = None
+    # Comma-separated addresses or networks whose X-Forwarded-For/-Proto uvicorn believes.
+    trusted_proxies: str = ""
+    # Comma-separated origins that browsers may call the API from; empty: CORS off.
+    cors_origins: str = ""
+
+    def public_url(self, path: str) -> str:
+        """``path`` (with its query) as a client should follow it."""
+        base = str(self.public_base_url).rstrip("/") if self.public_base_url else ""
+        return base + path
 
 
 @lru_cache(maxsize=1)

@@ -7,6 +7,8 @@ request on travels with it, so replaying the queue later gives the same decision
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -55,13 +57,36 @@ def quoted(value: object) -> str:
     return _clip(repr(value), MAX_QUOTED_CHARS)
 
 
+# What an id may not contain: controls (Cc), format characters (Cf: bidi overrides, zero-width
+# characters, tags), private use, separators but the space, the noncharacters U+FFFE/U+FFFF,
+# and "/" (an id is a path segment). Written out so the same text is the OpenAPI pattern
+# (tests hold it to the running Python's Unicode database). Lone surrogates, which JSON can
+# spell but no text holds, are refused apart: schema validators' regexes cannot name them.
+_NOT_IN_ID = (
+    r"\x00-\x1f\x7f-\x9f\xa0\xad/\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2"
+    r"\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000"
+    r"\ue000-\uf8ff\ufeff\ufff9-\ufffb\ufffe\uffff\U000110bd\U000110cd\U00013430-\U0001343f"
+    r"\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f"
+    r"\U000f0000-\U0010ffff"
+)
+# 1 to 64 other characters, the space allowed only inside.
+ID_PATTERN = rf"[^ {_NOT_IN_ID}](?:[^{_NOT_IN_ID}]{{0,{MAX_ID_LENGTH - 2}}}[^ {_NOT_IN_ID}])?"
+_ID = re.compile(ID_PATTERN)
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def normalise_id(value: str) -> str:
+    """An id as it is stored and compared: trimmed, then NFC (one spelling of "é")."""
+    return unicodedata.normalize("NFC", value.strip())
+
+
 def valid_id(value: object) -> bool:
-    """An id is 1–64 printable characters with no surrounding whitespace."""
+    """The one id grammar: a normalised string matching ``ID_PATTERN``."""
     return (
         isinstance(value, str)
-        and 0 < len(value) <= MAX_ID_LENGTH
-        and value.isprintable()
-        and value == value.strip()
+        and _ID.fullmatch(value) is not None
+        and _SURROGATE.search(value) is None
+        and unicodedata.is_normalized("NFC", value)
     )
 
 

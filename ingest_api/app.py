@@ -13,9 +13,11 @@ from adapters.wiring import Services, api_services
 from config.logs import configure_logging
 from config.runtime import tune_gc
 from config.settings import Settings, get_settings
-from ingest_api import auth, problems, quotas
+from ingest_api import auth, docs, openapi, problems, quotas
 from ingest_api.middleware import BodyLimitMiddleware, CorrelationMiddleware
+from ingest_api.problems import UnexpectedErrorMiddleware
 from ingest_api.routes import router
+from ingest_api.semantics import HttpSemanticsMiddleware, add_cors
 
 log = structlog.get_logger("ingest_api")
 # Beyond the produce timeout, so the queue's own delivery report decides when it can.
@@ -54,11 +56,20 @@ def create_app(
         version="0.1.0",
         summary="Ingest trade versions over REST; poll each request to SUCCESS or FAILED.",
         lifespan=lifespan,
+        docs_url=None,  # served from local files by ingest_api.docs
+        redoc_url=None,
+        redirect_slashes=False,  # a redirect would name another resource ("T%2F" → "T")
     )
     problems.install(app, settings.retry_after_seconds)
     auth.install(app, settings)
     quotas.install(app, settings)
+    # Outermost last: CORS, correlation id, HTTP semantics, the catch-all 500, body limit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(UnexpectedErrorMiddleware)
+    app.add_middleware(HttpSemanticsMiddleware, router=app.router)
     app.add_middleware(CorrelationMiddleware)
+    add_cors(app, settings.cors_origins)
     app.include_router(router)
+    docs.install(app)
+    openapi.install(app)
     return app

@@ -18,11 +18,12 @@ CORRELATION_HEADER = b"x-correlation-id"
 
 
 def correlation_id_of(scope: Scope) -> str:
-    """The caller's X-Correlation-ID when it is a sane id, else a fresh one."""
+    """The caller's X-Correlation-ID when it is an id in ASCII, else a fresh one: header bytes
+    are opaque (RFC 9110), and others would be echoed as what they decode to, re-encoded."""
     for name, value in scope.get("headers", ()):
         if name == CORRELATION_HEADER:
             candidate: str = value.decode("latin-1").strip()
-            if valid_id(candidate):
+            if candidate.isascii() and valid_id(candidate):
                 return candidate
     return uuid.uuid4().hex
 

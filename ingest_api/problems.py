@@ -10,12 +10,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.intake import Overloaded
 from domain.ports import Unavailable
 
 MEDIA_TYPE = "application/problem+json"
-log = structlog.get_logger("ingest_api")
 # The dependencies a 503 may name; an adapter's own error text stays in the log.
 DEPENDENCIES = ("status store or queue", "status store", "inbound log", "trade store", "queue")
 
@@ -51,6 +51,20 @@ def problem_response(
     return Response(orjson.dumps(body), status, headers=headers, media_type=MEDIA_TYPE)
 
 
+def log_error(event: str, **fields: Any) -> None:
+    """Every 5xx is logged at error. The logger is looked up now, not cached at import, so it
+    renders with the logging set-up in force."""
+    structlog.get_logger("ingest_api").error(event, **fields)
+
+
+def malformed_json() -> Response:
+    """Every way a body can fail to decode (syntax, UTF-8, nesting depth, an integer too
+    long for Python) is the same answer."""
+    return problem_response(
+        422, "MALFORMED_JSON", "Request body is not valid JSON", detail="JSON decode error"
+    )
+
+
 def _field_of(loc: tuple[Any, ...]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or None
@@ -69,6 +83,37 @@ def dependency_of(exc: Exception) -> str:
     return next((name for name in DEPENDENCIES if text.startswith(name)), "dependency")
 
 
+class UnexpectedErrorMiddleware:
+    """A bug is a 500 problem with a generic detail, logged at error with its traceback
+    (and, bound by the correlation middleware outside, the request's correlation id)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception as exc:
+            log_error("unexpected error", method=scope["method"], path=scope["path"], exc_info=exc)
+            if not started:
+                await problem_response(
+                    500,
+                    "INTERNAL_ERROR",
+                    "Internal server error",
+                    detail="An unexpected error; it is logged with this X-Correlation-ID",
+                )(scope, receive, send)
+
+
 def install(app: FastAPI, retry_after_seconds: int) -> None:
     """Map validation errors, HTTP errors, domain rejections and outages to problem+json."""
 
@@ -76,11 +121,12 @@ def install(app: FastAPI, retry_after_seconds: int) -> None:
         assert isinstance(exc, RequestValidationError)
         errors = _errors(exc)
         first = errors[0] if errors else {}
-        malformed = first.get("type") == "json_invalid"
+        if first.get("type") == "json_invalid":
+            return malformed_json()
         return problem_response(
             422,
-            "MALFORMED_JSON" if malformed else "VALIDATION_ERROR",
-            "Request body is not valid JSON" if malformed else "Request is invalid",
+            "VALIDATION_ERROR",
+            "Request is invalid",
             detail=str(first.get("msg")) if first else None,
             field=first.get("field"),
             errors=errors,
@@ -91,7 +137,7 @@ def install(app: FastAPI, retry_after_seconds: int) -> None:
         return problem_response(exc.status, exc.code, exc.title, field=exc.field)
 
     async def on_unavailable(_: Request, exc: Exception) -> Response:
-        log.warning("dependency unavailable", error=str(exc))
+        log_error("dependency unavailable", error=str(exc))
         return problem_response(
             503,
             "SERVICE_UNAVAILABLE",
@@ -111,6 +157,8 @@ def install(app: FastAPI, retry_after_seconds: int) -> None:
 
     async def on_http(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
+        if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
+            return malformed_json()  # FastAPI's 400 for what json.loads raised
         code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}.get(
             exc.status_code, "HTTP_ERROR"
         )

@@ -9,12 +9,12 @@ import json
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from config.clock import business_today, utc_now
-from domain.message import valid_id, valid_version
+from domain.message import normalise_id, valid_id, valid_version
 from domain.ports import TradeFilter, Unavailable
 from domain.status import RequestState
 from domain.trade import Rejected
@@ -30,9 +30,18 @@ from ingest_api.auth import (
     sees,
 )
 from ingest_api.deps import ServicesDep, SettingsDep
-from ingest_api.problems import MEDIA_TYPE, ProblemError
+from ingest_api.openapi import HEADERS, problem
+from ingest_api.problems import ProblemError
 from ingest_api.quotas import OVER_QUOTA, quota
-from ingest_api.schemas import AcceptedOut, HealthOut, Problem, RequestOut, TradeIn, TradeOut
+from ingest_api.schemas import (
+    ID_SCHEMA,
+    AcceptedOut,
+    HealthOut,
+    Identifier,
+    RequestOut,
+    TradeIn,
+    TradeOut,
+)
 
 router = APIRouter(prefix="/api/v1")
 # One callable per scope: listed first in a route's dependencies, so the caller is known
@@ -40,10 +49,11 @@ router = APIRouter(prefix="/api/v1")
 WRITES_TRADES = require(TRADES_WRITE)
 READS_TRADES = require(TRADES_READ)
 READS_REQUESTS = require(REQUESTS_READ)
-PROBLEM: dict[str, Any] = {"model": Problem, "content": {MEDIA_TYPE: {}}}
 UNAVAILABLE: dict[int | str, dict[str, Any]] = {
-    503: {**PROBLEM, "description": "A dependency is down; retry after Retry-After"}
+    503: problem("A dependency is down; retry after Retry-After", "Retry-After")
 }
+# Path ids are looked up as the id grammar reads them; one outside it is simply not there.
+PathId = Annotated[str, Path(json_schema_extra=ID_SCHEMA)]
 
 
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
@@ -52,12 +62,22 @@ def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Resp
 
 @router.post(
     "/trades",
+    operation_id="submit_trade",
     status_code=202,
     response_model=AcceptedOut,
     responses={
-        400: {**PROBLEM, "description": "Maturity date before today (code MATURITY_PASSED)"},
-        413: {**PROBLEM, "description": "Body too large"},
-        422: {**PROBLEM, "description": "Malformed or invalid body"},
+        202: {
+            "headers": {"Location": HEADERS["Location"]},
+            "links": {
+                "GetRequest": {
+                    "operationId": "get_request",
+                    "parameters": {"request_id": "$response.body#/request_id"},
+                }
+            },
+        },
+        400: problem("Maturity date before today (code MATURITY_PASSED)"),
+        413: problem("Body too large (code PAYLOAD_TOO_LARGE)"),
+        422: problem("Body not JSON (MALFORMED_JSON) or invalid (VALIDATION_ERROR, field)"),
         **AUTHENTICATED,
         **OVER_QUOTA,
         **UNAVAILABLE,
@@ -93,15 +113,25 @@ async def submit_trade(
             "trade_id": trade.trade_id,
             "version": trade.version,
         },
-        {"Location": f"/api/v1/requests/{message.request_id}"},
+        {"Location": settings.public_url(f"/api/v1/requests/{message.request_id}")},
     )
 
 
 @router.get(
     "/requests/{request_id}",
+    operation_id="get_request",
     response_model=RequestOut,
     responses={
-        404: {**PROBLEM, "description": "Unknown request id, or another client's"},
+        # From the status, not from the 202: the trade is stored once it is decided.
+        200: {
+            "links": {
+                "GetTrade": {
+                    "operationId": "get_trade",
+                    "parameters": {"trade_id": "$response.body#/trade_id"},
+                }
+            }
+        },
+        404: problem("Unknown request id, or another client's (code NOT_FOUND)"),
         **AUTHENTICATED,
         **OVER_QUOTA,
         **UNAVAILABLE,
@@ -109,13 +139,14 @@ async def submit_trade(
     dependencies=[Depends(READS_REQUESTS), quota("reads")],
 )
 async def get_request(
-    request_id: str,
+    request_id: PathId,
     services: ServicesDep,
     settings: SettingsDep,
     client: Annotated[Client | None, Depends(READS_REQUESTS)],
 ) -> Response:
     """The status of one submission: PENDING, then SUCCESS or FAILED with a reason."""
     status = None
+    request_id = normalise_id(request_id)
     if valid_id(request_id):
         # Bounded like a submission: a hung status store is a 503 in time.
         timeout_s = settings.produce_timeout_ms / 1000
@@ -126,7 +157,7 @@ async def get_request(
         except TimeoutError:
             raise Unavailable(f"status store did not answer within {timeout_s:g} s") from None
     if status is None or not sees(client, status):  # another client's: as if unknown
-        raise ProblemError(404, "NOT_FOUND", f"No request {request_id}", field="request_id")
+        raise ProblemError(404, "NOT_FOUND", "No such request", field="request_id")
     return _json(200, RequestOut.of(status).model_dump(mode="json"))
 
 
@@ -138,7 +169,7 @@ def encode_cursor(trade_id: str, version: int) -> str:
 def decode_cursor(cursor: str) -> tuple[str, int]:
     try:
         value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, RecursionError):  # RecursionError: nested too deep
         value = None
     if (
         isinstance(value, list)
@@ -152,9 +183,11 @@ def decode_cursor(cursor: str) -> tuple[str, int]:
 
 @router.get(
     "/trades",
+    operation_id="list_trades",
     response_model=list[TradeOut],
     responses={
-        400: {**PROBLEM, "description": "Invalid cursor"},
+        200: {"headers": {"Link": HEADERS["Link"]}},
+        400: problem("Invalid cursor (code INVALID_CURSOR)"),
         **AUTHENTICATED,
         **OVER_QUOTA,
         **UNAVAILABLE,
@@ -167,8 +200,8 @@ def list_trades(
     settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: Annotated[str | None, Query(description="Cursor from the Link header")] = None,
-    book_id: str | None = None,
-    counterparty_id: str | None = None,
+    book_id: Identifier | None = None,
+    counterparty_id: Identifier | None = None,
     expired: bool | None = None,
 ) -> Response:
     """Stored trade versions ordered by (trade_id bytes, version); `Link: rel="next"` pages."""
@@ -182,30 +215,32 @@ def list_trades(
     headers = {}
     if following is not None:
         url = request.url.include_query_params(after=encode_cursor(*following))
-        headers["Link"] = f'<{url}>; rel="next"'
+        headers["Link"] = f'<{settings.public_url(f"{url.path}?{url.query}")}>; rel="next"'
     return _json(200, [TradeOut.of(r).model_dump(mode="json") for r in rows], headers)
 
 
 @router.get(
     "/trades/{trade_id}",
+    operation_id="get_trade",
     response_model=list[TradeOut],
     responses={
-        404: {**PROBLEM, "description": "No stored version"},
+        404: problem("No stored version (code NOT_FOUND)"),
         **AUTHENTICATED,
         **OVER_QUOTA,
         **UNAVAILABLE,
     },
     dependencies=[Depends(READS_TRADES), quota("reads")],
 )
-def get_trade(trade_id: str, services: ServicesDep, settings: SettingsDep) -> Response:
+def get_trade(trade_id: PathId, services: ServicesDep, settings: SettingsDep) -> Response:
     """Every stored version of one trade, ascending."""
+    trade_id = normalise_id(trade_id)
     rows = (
         services.trades.versions(trade_id, business_today(settings.business_timezone))
         if valid_id(trade_id)
         else []
     )
     if not rows:
-        raise ProblemError(404, "NOT_FOUND", f"No trade {trade_id}", field="trade_id")
+        raise ProblemError(404, "NOT_FOUND", "No such trade", field="trade_id")
     return _json(200, [TradeOut.of(r).model_dump(mode="json") for r in rows])
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import date, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -13,26 +13,42 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictInt,
-    StringConstraints,
+    WithJsonSchema,
 )
 
-from domain.message import MAX_ID_LENGTH, MAX_VERSION
+from domain.message import ID_PATTERN, MAX_ID_LENGTH, MAX_VERSION, normalise_id, valid_id
 from domain.ports import StoredTrade
 from domain.status import ReasonCode, RequestState, RequestStatus
 from domain.trade import Trade
 
 
-def _printable(value: str) -> str:
-    if not value.isprintable():
-        raise ValueError("must contain only printable characters")
+def _identifier(value: str) -> str:
+    value = normalise_id(value)
+    if not valid_id(value):
+        raise ValueError(ID_RULE)
     return value
 
 
-Identifier = Annotated[
-    str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_ID_LENGTH),
-    AfterValidator(_printable),
-]
+ID_RULE = (
+    f"1–{MAX_ID_LENGTH} characters after trimming and NFC normalisation: no control, format,"
+    ' private-use or separator characters (the space only inside), no "/"'
+)
+# The grammar as the API reads it: surrounding whitespace is trimmed. Python ``re`` syntax
+# (astral code points as \U escapes), which schemathesis generates from.
+ID_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "pattern": rf"^\s*{ID_PATTERN}\s*$",
+    "description": f"An id: {ID_RULE}.",
+}
+Identifier = Annotated[str, AfterValidator(_identifier), WithJsonSchema(ID_SCHEMA)]
+
+
+def _whole_number(value: object) -> object:
+    """JSON Schema's integer, which the OpenAPI document promises: 7 and 7.0 alike, never
+    7.5, "7" or true."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _iso_date(value: object) -> object:
@@ -67,7 +83,7 @@ class TradeIn(BaseModel):
     )
 
     trade_id: Identifier
-    version: Annotated[StrictInt, Field(ge=1, le=MAX_VERSION)]
+    version: Annotated[StrictInt, Field(ge=1, le=MAX_VERSION), BeforeValidator(_whole_number)]
     counterparty_id: Identifier
     book_id: Identifier
     maturity_date: IsoDate

@@ -117,7 +117,7 @@ def test_maturity_before_today_is_400(api: Api) -> None:
     ("payload", "field"),
     [
         (body(version="1"), "version"),
-        (body(version=1.0), "version"),
+        (body(version=1.5), "version"),
         (body(version=0), "version"),
         (body(version=2**31), "version"),
         (body(version=True), "version"),
