@@ -31,8 +31,8 @@ from config.settings import Settings
 from domain.message import valid_id
 from domain.ports import Unavailable
 from domain.status import RequestStatus
-from ingest_api.problems import MEDIA_TYPE, problem_response
-from ingest_api.schemas import Problem
+from ingest_api.openapi import problem
+from ingest_api.problems import problem_response
 
 log = structlog.get_logger("ingest_api")
 
@@ -61,17 +61,10 @@ CHALLENGE = {
     }
 }
 AUTHENTICATED: dict[int | str, dict[str, Any]] = {
-    401: {
-        "model": Problem,
-        "content": {MEDIA_TYPE: {}},
-        "headers": CHALLENGE,
-        "description": "No valid credentials (code UNAUTHENTICATED)",
-    },
+    401: {**problem("No valid credentials (code UNAUTHENTICATED)"), "headers": CHALLENGE},
     403: {
-        "model": Problem,
-        "content": {MEDIA_TYPE: {}},
+        **problem("The credentials lack the route's scope (code FORBIDDEN)"),
         "headers": CHALLENGE,
-        "description": "The credentials lack the route's scope (code FORBIDDEN)",
     },
 }
 

@@ -26,8 +26,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from config.settings import Settings
-from ingest_api.problems import MEDIA_TYPE, problem_response
-from ingest_api.schemas import Problem
+from ingest_api.openapi import problem
+from ingest_api.problems import problem_response
 
 Policy = Literal["writes", "reads"]
 # The key-file rate of a client (see ingest_api.auth.Client), per policy.
@@ -37,10 +37,10 @@ IPV4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:a.b.c.d, how a dual-stack socket
 STATE_KEY = "ratelimit"  # scope["state"] entry: the fields to add to the answer
 OVER_QUOTA: dict[int | str, dict[str, Any]] = {
     429: {
-        "model": Problem,
-        "content": {MEDIA_TYPE: {}},
-        "description": "Over the client's quota (code RATE_LIMITED), or, on POST, too many "
-        "requests waiting (TOO_MANY_REQUESTS); retry after Retry-After",
+        **problem(
+            "Over the client's quota (code RATE_LIMITED), or, on POST, too many requests"
+            " waiting (TOO_MANY_REQUESTS); retry after Retry-After"
+        ),
         "headers": {
             "Retry-After": {
                 "description": "Whole seconds to wait before retrying",
