@@ -6,20 +6,20 @@ import asyncio
 import base64
 import binascii
 import json
+from datetime import date
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from config.clock import business_today, utc_now
 from domain.message import valid_id, valid_version
-from domain.ports import TradeFilter, Unavailable
+from domain.ports import StoredTrade, TradeFilter, TradeReader, Unavailable
 from domain.status import RequestState
 from domain.trade import Rejected
 from domain.use_cases import accept, trade_page
-from ingest_api.deps import ServicesDep, SettingsDep
+from ingest_api.deps import HealthDep, ReadsDep, ServicesDep, SettingsDep
 from ingest_api.problems import MEDIA_TYPE, ProblemError
 from ingest_api.schemas import AcceptedOut, HealthOut, Problem, RequestOut, TradeIn, TradeOut
 
@@ -31,7 +31,11 @@ UNAVAILABLE: dict[int | str, dict[str, Any]] = {
 
 
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status, headers=headers, media_type="application/json")
+    return _encoded(status, orjson.dumps(body), headers)
+
+
+def _encoded(status: int, body: bytes, headers: dict[str, str] | None = None) -> Response:
+    return Response(body, status, headers=headers, media_type="application/json")
 
 
 @router.post(
@@ -72,16 +76,16 @@ async def submit_trade(
     response_model=RequestOut,
     responses={404: {**PROBLEM, "description": "Unknown request id"}, **UNAVAILABLE},
 )
-async def get_request(request_id: str, services: ServicesDep, settings: SettingsDep) -> Response:
+async def get_request(
+    request_id: str, services: ServicesDep, settings: SettingsDep, reads: ReadsDep
+) -> Response:
     """The status of one submission: PENDING, then SUCCESS or FAILED with a reason."""
     status = None
     if valid_id(request_id):
         # Bounded like a submission: a hung status store is a 503 in time.
         timeout_s = settings.produce_timeout_ms / 1000
         try:
-            status = await asyncio.wait_for(
-                run_in_threadpool(services.statuses.get, request_id), timeout_s
-            )
+            status = await asyncio.wait_for(reads.run(services.statuses.get, request_id), timeout_s)
         except TimeoutError:
             raise Unavailable(f"status store did not answer within {timeout_s:g} s") from None
     if status is None:
@@ -114,10 +118,11 @@ def decode_cursor(cursor: str) -> tuple[str, int]:
     response_model=list[TradeOut],
     responses={400: {**PROBLEM, "description": "Invalid cursor"}, **UNAVAILABLE},
 )
-def list_trades(
+async def list_trades(
     request: Request,
     services: ServicesDep,
     settings: SettingsDep,
+    reads: ReadsDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: Annotated[str | None, Query(description="Cursor from the Link header")] = None,
     book_id: str | None = None,
@@ -125,7 +130,8 @@ def list_trades(
     expired: bool | None = None,
 ) -> Response:
     """Stored trade versions ordered by (trade_id bytes, version); `Link: rel="next"` pages."""
-    rows, following = trade_page(
+    body, following = await reads.run(
+        _page,
         services.trades,
         decode_cursor(after) if after else None,
         limit,
@@ -136,7 +142,47 @@ def list_trades(
     if following is not None:
         url = request.url.include_query_params(after=encode_cursor(*following))
         headers["Link"] = f'<{url}>; rel="next"'
-    return _json(200, [TradeOut.of(r).model_dump(mode="json") for r in rows], headers)
+    return _encoded(200, body, headers)
+
+
+def _trades_json(rows: list[StoredTrade]) -> bytes:
+    """``TradeOut``'s JSON of each row, built by orjson straight from the rows: 3 ms for a
+    page of 1,000 where pydantic's models took 21 ms of the interpreter, which the event
+    loop acknowledging POSTs shares (tests/unit/test_health.py holds the two equal)."""
+    return orjson.dumps([_trade_fields(r) for r in rows], option=orjson.OPT_UTC_Z)
+
+
+def _trade_fields(stored: StoredTrade) -> dict[str, Any]:
+    t = stored.trade
+    return {
+        "trade_id": t.trade_id,
+        "version": t.version,
+        "counterparty_id": t.counterparty_id,
+        "book_id": t.book_id,
+        "maturity_date": t.maturity_date,
+        "created_date": t.created_date,
+        "expired": stored.expired,
+        "created_at": stored.created_at,
+        "updated_at": stored.updated_at,
+    }
+
+
+def _page(
+    trades: TradeReader,
+    after: tuple[str, int] | None,
+    limit: int,
+    where: TradeFilter,
+    as_of: date,
+) -> tuple[bytes, tuple[str, int] | None]:
+    """On a read thread: a page of trades, encoded, and the next page's cursor."""
+    rows, following = trade_page(trades, after, limit, where, as_of)
+    return _trades_json(rows), following
+
+
+def _versions(trades: TradeReader, trade_id: str, as_of: date) -> bytes | None:
+    """On a read thread: every stored version of a trade, encoded; None if there is none."""
+    rows = trades.versions(trade_id, as_of)
+    return _trades_json(rows) if rows else None
 
 
 @router.get(
@@ -144,24 +190,17 @@ def list_trades(
     response_model=list[TradeOut],
     responses={404: {**PROBLEM, "description": "No stored version"}, **UNAVAILABLE},
 )
-def get_trade(trade_id: str, services: ServicesDep, settings: SettingsDep) -> Response:
+async def get_trade(
+    trade_id: str, services: ServicesDep, settings: SettingsDep, reads: ReadsDep
+) -> Response:
     """Every stored version of one trade, ascending."""
-    rows = (
-        services.trades.versions(trade_id, business_today(settings.business_timezone))
-        if valid_id(trade_id)
-        else []
-    )
-    if not rows:
+    body = None
+    if valid_id(trade_id):
+        today = business_today(settings.business_timezone)
+        body = await reads.run(_versions, services.trades, trade_id, today)
+    if body is None:
         raise ProblemError(404, "NOT_FOUND", f"No trade {trade_id}", field="trade_id")
-    return _json(200, [TradeOut.of(r).model_dump(mode="json") for r in rows])
-
-
-async def _check(ping: Any, timeout_s: float = 3.0) -> str:
-    try:
-        await asyncio.wait_for(run_in_threadpool(ping), timeout_s)
-    except (Unavailable, TimeoutError):
-        return "unavailable"
-    return "ok"
+    return _encoded(200, body)
 
 
 @router.get("/health/live")
@@ -171,11 +210,11 @@ async def liveness() -> Response:
 
 
 @router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
-async def health(services: ServicesDep) -> Response:
-    """Real checks of the trade store, the queue and the status store."""
-    db, kafka, status_store = await asyncio.gather(
-        _check(services.trades.ping), _check(services.queue.ping), _check(services.statuses.ping)
-    )
-    parts = {"db": db, "kafka": kafka, "status_store": status_store}
+async def health(health: HealthDep) -> Response:
+    """Whether writes can succeed: the queue takes appends (embedded: the inbound log's write
+    lock is free; services: the producer has a broker connection up), the status store takes
+    a write, and the trade store answers a query. Each probe's result is reused for
+    HEALTH_CACHE_SECONDS."""
+    parts = await health.parts()
     healthy = all(v == "ok" for v in parts.values())
     return _json(200 if healthy else 503, {"status": "ok" if healthy else "degraded", **parts})
