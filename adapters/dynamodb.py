@@ -32,6 +32,9 @@ from domain.status import Outcome, ReasonCode, RequestState, RequestStatus
 log = structlog.get_logger("adapters")
 
 CONDITION_FAILED = "ConditionalCheckFailedException"
+# The health probe's key: no request has it (request ids are UUIDs), so deleting it writes
+# nothing, yet DynamoDB authorises, meters and applies it as a write.
+HEALTH_KEY = "health-probe"
 
 
 def make_client(endpoint_url: str | None, region: str, pool: int = 32) -> Any:
@@ -236,7 +239,14 @@ class DynamoStatusStore:
         return _status(item)
 
     def ping(self) -> None:
-        self._call("describe_table", TableName=self._table)
+        """Raise Unavailable unless the table takes a write: an unconditional DeleteItem of
+        ``HEALTH_KEY`` (the API role's DeleteItem permission; no PutItem needed, nothing
+        left behind). Any refusal counts, a missing permission too."""
+        try:
+            self._call("delete_item", TableName=self._table, Key={"request_id": {"S": HEALTH_KEY}})
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            raise Unavailable(f"status store delete_item: {code}") from exc
 
     def close(self) -> None:
         self._pending_writer.close()

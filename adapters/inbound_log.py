@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from adapters.sqlite_file import Params, connect, delete_in_chunks, write_once, writer_of
+from adapters.sqlite_file import Params, delete_in_chunks, write_once, writer_of
 from config.clock import utc_now
 from domain.message import TradeMessage, encode
 from domain.ports import Unavailable
@@ -79,6 +79,10 @@ def encode_headers(headers: Iterable[tuple[str, bytes | str | None]]) -> str:
 def decode_headers(raw: str) -> list[tuple[str, bytes]]:
     return [(k, (v or "").encode()) for k, v in json.loads(raw)]
 
+
+# How long the health probe waits for the log's write lock: a writer holding it longer
+# makes every append wait, so health says so within this, not after the appends' 2 s.
+PROBE_LOCK_WAIT_S = 0.2
 
 LOG_TOPIC = "inbound_log"
 """The topic a log entry names (as a dead letter's source): the log's table."""
@@ -189,12 +193,16 @@ class SqliteInboundLog:
             return total
 
     def ping(self) -> None:
-        """Raise Unavailable unless the log's file opens and its table reads (API health)."""
+        """Raise Unavailable unless the log takes appends (API health): its write lock, ours
+        then SQLite's, is free within ``PROBE_LOCK_WAIT_S`` and its table reads. The probe
+        writes nothing; it holds the lock for an empty transaction."""
         try:
-            conn = connect(self.path)
-            conn.execute("SELECT 1 FROM inbound_log LIMIT 1")
-            conn.close()
-        except sqlite3.Error as exc:
+            with (
+                writer_of(self.path, PROBE_LOCK_WAIT_S) as writer,
+                writer.transaction("inbound log") as conn,
+            ):
+                conn.execute("SELECT 1 FROM inbound_log LIMIT 1")
+        except (sqlite3.Error, OSError) as exc:
             raise Unavailable(f"inbound log: {exc}") from exc
 
 

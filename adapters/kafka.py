@@ -9,6 +9,7 @@ import time
 from functools import partial
 from typing import Any
 
+import orjson
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
@@ -53,6 +54,13 @@ def producer_config(bootstrap: str, timeout_ms: int, linger_ms: int) -> dict[str
 
 Report = tuple[asyncio.Future[None], Unavailable | None]
 
+# librdkafka's statistics interval for the API's producer: its health is read from the
+# broker connections they report, not asked of the cluster on every check.
+STATS_INTERVAL_MS = 1000
+# Statistics older than this many intervals mean the producer's poll thread stopped.
+STATS_STALE_AFTER = 3
+REAL_BROKERS = {"configured", "learned"}  # bootstrap servers and brokers from metadata
+
 
 def _resolve_reports(reports: list[Report]) -> None:
     """On the futures' own loop: each caller learns its delivery report."""
@@ -96,7 +104,12 @@ class KafkaTradeQueue:
         self._bootstrap = bootstrap
         self._timeout_ms = timeout_ms
         self._timeout_s = timeout_ms / 1000
-        self._producer = Producer(producer_config(bootstrap, timeout_ms, linger_ms))
+        self._brokers_up: int | None = None  # None until the first statistics
+        self._stats_at = 0.0
+        self._producer = Producer(
+            producer_config(bootstrap, timeout_ms, linger_ms)
+            | {"statistics.interval.ms": STATS_INTERVAL_MS, "stats_cb": self._stats}
+        )
         self._reports: list[Report] = []
         self._running = True
         self._poller = threading.Thread(target=self._poll, name="kafka-poll", daemon=True)
@@ -136,7 +149,26 @@ class KafkaTradeQueue:
             raise Unavailable(f"queue refused the message: {exc}") from exc
         await acked
 
+    def _stats(self, stats: str) -> None:
+        """On the poll thread: how many brokers the producer has a connection up to (not
+        counting librdkafka's internal broker, which is always "UP")."""
+        brokers = orjson.loads(stats).get("brokers", {}).values()
+        self._brokers_up = sum(
+            1 for b in brokers if b.get("source") in REAL_BROKERS and b.get("state") == "UP"
+        )
+        self._stats_at = time.monotonic()
+
     def ping(self) -> None:
+        """Raise Unavailable unless the producer holds a connection to a broker, as its
+        latest statistics say (no request to the cluster); before the first statistics
+        arrive, a metadata request for the topic decides."""
+        if self._brokers_up is not None:
+            age_s = time.monotonic() - self._stats_at
+            if age_s > STATS_STALE_AFTER * STATS_INTERVAL_MS / 1000:
+                raise Unavailable(f"kafka producer: no statistics for {age_s:.1f} s")
+            if not self._brokers_up:
+                raise Unavailable("kafka producer: no broker connection up")
+            return
         try:
             meta = self._producer.list_topics(self._topic, timeout=2)
         except KafkaException as exc:

@@ -34,7 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from adapters.sqlite_file import DELETE_CHUNK, PRAGMAS
+from adapters.sqlite_file import DELETE_CHUNK, PRAGMAS, READ_PRAGMAS
 from adapters.tables import request_outcomes, trades
 from domain.ports import DecisionLog, StoredTrade, TradeFilter, Unavailable
 from domain.status import Outcome, ReasonCode, RequestState
@@ -43,16 +43,23 @@ from domain.trade import Trade
 T = TypeVar("T")
 
 
-def make_engine(url: str, pool_size: int = 10, statement_timeout_ms: int = 5_000) -> Engine:
+def make_engine(
+    url: str, pool_size: int = 10, statement_timeout_ms: int = 5_000, reads_only: bool = False
+) -> Engine:
     """A pooled engine: pre-pinged for PostgreSQL, WAL with a busy timeout for SQLite.
 
     Every PostgreSQL call is bounded: connecting by ``connect_timeout``; a statement, and a
     transaction left idle, by the server after ``statement_timeout_ms``; and any wait for a
     reply by the client, ``REPLY_GRACE_S`` later (see ``_BoundedConnection``).
+
+    SQLite keeps at most ``pool_size`` connections (each may grow its page cache), and an
+    engine that only reads (the API's) opens them with the readers' small cache.
     """
     if url.startswith("sqlite"):
-        engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size)
-        event.listen(engine, "connect", _sqlite_pragmas)
+        engine = create_engine(url, pool_size=pool_size, max_overflow=0)
+        event.listen(
+            engine, "connect", partial(_sqlite_pragmas, READ_PRAGMAS if reads_only else PRAGMAS)
+        )
         return engine
     timeouts = (
         f"-c statement_timeout={statement_timeout_ms}"
@@ -118,9 +125,9 @@ def _binary_arrays(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.adapters.register_dumper(list, ListBinaryDumper)
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(pragmas: Sequence[str], dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    for pragma in PRAGMAS:
+    for pragma in pragmas:
         cursor.execute(pragma)
     cursor.close()
 

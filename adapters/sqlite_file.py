@@ -11,6 +11,7 @@ import asyncio
 import fcntl
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,18 +38,57 @@ PRAGMAS = (
     f"PRAGMA busy_timeout={int(LOCK_TIMEOUT_S * 1000)}",
     "PRAGMA cache_size=-65536",
 )
+# The API's read connections: a reader needs no large cache (the OS's page cache holds the
+# file), so each takes SQLite's default 2 MiB, and query_only makes sure it never writes.
+READ_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    f"PRAGMA busy_timeout={int(LOCK_TIMEOUT_S * 1000)}",
+    "PRAGMA cache_size=-2048",
+    "PRAGMA query_only=1",
+)
 LOCK_POLL_S = 0.001
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """A connection to a file of ours with our PRAGMAS."""
+def connect(path: Path, pragmas: Sequence[str] = PRAGMAS) -> sqlite3.Connection:
+    """A connection to a file of ours with our PRAGMAS (or the readers')."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(
         path, timeout=LOCK_TIMEOUT_S, check_same_thread=False, isolation_level=None
     )
-    for pragma in PRAGMAS:
+    for pragma in pragmas:
         conn.execute(pragma)
     return conn
+
+
+class Readers:
+    """At most ``size`` read connections to one file, lent to whichever thread reads.
+
+    One connection per thread would grow with every thread that ever read (21–24 seen in
+    an API worker); these stay as many as the API reads at once at most.
+    """
+
+    def __init__(self, path: Path, size: int) -> None:
+        self._path = path
+        self._size = size
+        self._slots = threading.BoundedSemaphore(size)
+        self._idle: list[sqlite3.Connection] = []
+
+    @contextmanager
+    def connection(self, what: str) -> Iterator[sqlite3.Connection]:
+        """A connection for one read; Unavailable if none is free within ``LOCK_TIMEOUT_S``."""
+        if not self._slots.acquire(timeout=LOCK_TIMEOUT_S):
+            raise Unavailable(f"{what}: all {self._size} read connections busy")
+        try:
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                conn = connect(self._path, READ_PRAGMAS)
+            try:
+                yield conn
+            finally:
+                self._idle.append(conn)
+        finally:
+            self._slots.release()
 
 
 class Writer:
@@ -58,11 +98,14 @@ class Writer:
     waiting writer takes over within a millisecond of the lock being free. Left to SQLite,
     it would poll in the busy handler, sleeping 1, 2, 5, 10... ms between tries: with two
     API workers committing at once that was the tail of the acknowledgement latency (80 ms
-    waits). Neither wait is longer than ``LOCK_TIMEOUT_S``.
+    waits). Neither wait is longer than ``timeout_s`` (``LOCK_TIMEOUT_S`` unless a caller,
+    such as the health probe, wants to know sooner).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, timeout_s: float = LOCK_TIMEOUT_S) -> None:
         self.conn = connect(path)
+        self.conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+        self._timeout_s = timeout_s
         self._lock = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o644)
 
     @contextmanager
@@ -81,14 +124,14 @@ class Writer:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
 
     def _take_lock(self, what: str) -> None:
-        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        deadline = time.monotonic() + self._timeout_s
         while True:
             try:
                 fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise Unavailable(f"{what}: write lock busy for {LOCK_TIMEOUT_S} s") from None
+                    raise Unavailable(f"{what}: write lock busy for {self._timeout_s} s") from None
                 time.sleep(LOCK_POLL_S)
 
     def write_all(self, sql: str, rows: Sequence[Params], what: str) -> None:
@@ -102,9 +145,9 @@ class Writer:
 
 
 @contextmanager
-def writer_of(path: Path) -> Iterator[Writer]:
-    """A writer for the duration of one job, closed after it (rare writes and sweeps)."""
-    writer = Writer(path)
+def writer_of(path: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[Writer]:
+    """A writer for the duration of one job, closed after it (rare writes, sweeps, probes)."""
+    writer = Writer(path, timeout_s)
     try:
         yield writer
     finally:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from adapters.sqlite_file import Params, Writer, connect, delete_in_chunks, writer_of
+from adapters.sqlite_file import Params, Readers, Writer, delete_in_chunks, writer_of
 from config.clock import utc_now
 from domain.ports import Unavailable
 from domain.status import Outcome, ReasonCode, RequestState, RequestStatus
@@ -74,12 +74,17 @@ WHERE request_id = ? AND status = 'PENDING'
 
 class SqliteStatusStore:
     """Request statuses in a SQLite file, under the status contract (``domain.ports``) for
-    what the processor and the API's reads need of it; PENDING records come from the intake."""
+    what the processor and the API's reads need of it; PENDING records come from the intake.
 
-    def __init__(self, path: Path, ttl_days: int) -> None:
+    Reads share at most ``readers`` connections (the API's read threads and its health
+    probe); the processor's writers keep one per thread.
+    """
+
+    def __init__(self, path: Path, ttl_days: int, readers: int = 2) -> None:
         self.path = path
         self._ttl = timedelta(days=ttl_days)
         self._local = threading.local()
+        self._readers = Readers(path, readers)
 
     def ensure_schema(self) -> None:
         with writer_of(self.path) as writer:
@@ -107,12 +112,6 @@ class SqliteStatusStore:
             finally:
                 writer.conn.execute("DETACH DATABASE old")
         old.rename(old.with_name(old.name + ".adopted"))
-
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = connect(self.path)
-        return conn
 
     def _writer(self) -> Writer:
         writer: Writer | None = getattr(self._local, "writer", None)
@@ -176,16 +175,13 @@ class SqliteStatusStore:
 
     def get(self, request_id: str) -> RequestStatus | None:
         try:
-            row = (
-                self._conn()
-                .execute(
+            with self._readers.connection("status store") as conn:
+                row = conn.execute(
                     "SELECT request_id, status, trade_id, version, created_at, updated_at,"
                     " reason_code, failure_reason, client_id FROM request_status"
                     " WHERE request_id = ? AND expires_at >= ?",
                     (request_id, int(utc_now().timestamp())),
-                )
-                .fetchone()
-            )
+                ).fetchone()
         except sqlite3.Error as exc:
             raise Unavailable(f"status store: {exc}") from exc
         if row is None:
@@ -204,6 +200,7 @@ class SqliteStatusStore:
 
     def ping(self) -> None:
         try:
-            self._conn().execute("SELECT 1 FROM request_status LIMIT 1")
+            with self._readers.connection("status store") as conn:
+                conn.execute("SELECT 1 FROM request_status LIMIT 1")
         except sqlite3.Error as exc:
             raise Unavailable(f"status store: {exc}") from exc

@@ -25,10 +25,19 @@ from domain.ports import Intake, Reachable, StatusReader, TradeReader
 log = structlog.get_logger("adapters")
 
 
-def trade_store(settings: Settings) -> SqlTradeStore:
+def api_readers(settings: Settings) -> int:
+    """Connections an API worker reads a store with at once: its read threads and health."""
+    return settings.read_threads + 1
+
+
+def trade_store(settings: Settings, reads_only: bool = False) -> SqlTradeStore:
+    """``reads_only``: the API's, which needs no more connections than it reads with."""
     return SqlTradeStore(
         make_engine(
-            settings.trade_store_url, settings.db_pool_size, settings.db_statement_timeout_ms
+            settings.trade_store_url,
+            api_readers(settings) if reads_only else settings.db_pool_size,
+            settings.db_statement_timeout_ms,
+            reads_only,
         )
     )
 
@@ -36,7 +45,9 @@ def trade_store(settings: Settings) -> SqlTradeStore:
 def status_store(settings: Settings) -> SqliteStatusStore | DynamoStatusStore:
     if settings.embedded:
         # In the inbound log's file: the API commits a PENDING record and its log entry at once.
-        return SqliteStatusStore(inbound_log_path(settings), settings.status_ttl_days)
+        return SqliteStatusStore(
+            inbound_log_path(settings), settings.status_ttl_days, api_readers(settings)
+        )
     return DynamoStatusStore(
         make_client(settings.dynamodb_endpoint_url, settings.aws_region),
         settings.status_table,
@@ -129,10 +140,12 @@ def api_services(settings: Settings) -> Services:
     if isinstance(statuses, SqliteStatusStore):
         inbound = inbound_log(settings)
         intake = SqliteIntake(inbound, statuses)
-        return Services(trade_store(settings), statuses, inbound, intake, [intake.close])
+        return Services(
+            trade_store(settings, reads_only=True), statuses, inbound, intake, [intake.close]
+        )
     queue = trade_queue(settings)
     return Services(
-        trade_store(settings),
+        trade_store(settings, reads_only=True),
         statuses,
         queue,
         PendingThenQueue(statuses, queue),

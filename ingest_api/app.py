@@ -11,11 +11,13 @@ from fastapi import FastAPI
 from adapters.intake import BoundedIntake
 from adapters.wiring import Services, api_services
 from config.logs import configure_logging
-from config.runtime import tune_gc
+from config.runtime import tune_gc, tune_switching
 from config.settings import Settings, get_settings
 from ingest_api import auth, docs, openapi, problems, quotas
+from ingest_api.health import Health
 from ingest_api.middleware import BodyLimitMiddleware, CorrelationMiddleware
 from ingest_api.problems import UnexpectedErrorMiddleware
+from ingest_api.reads import ReadPool
 from ingest_api.routes import router
 from ingest_api.semantics import HttpSemanticsMiddleware, add_cors
 
@@ -43,11 +45,15 @@ def create_app(
             settings.max_waiting_requests,
             settings.produce_timeout_ms / 1000 + INTAKE_GRACE_S,
         )
+        app.state.reads = ReadPool(settings.read_threads, settings.max_waiting_reads)
+        app.state.health = Health(app.state.services, settings.health_cache_seconds)
         tune_gc()
+        tune_switching()
         log.info("api started")
         try:
             yield
         finally:
+            app.state.reads.close()
             app.state.services.close()
             log.info("api stopped")
 

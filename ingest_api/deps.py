@@ -8,6 +8,8 @@ from fastapi import Depends, Request
 
 from adapters.wiring import Services
 from config.settings import Settings
+from ingest_api.health import Health
+from ingest_api.reads import ReadPool
 
 
 async def get_services(request: Request) -> Services:
@@ -20,5 +22,17 @@ async def get_app_settings(request: Request) -> Settings:
     return settings
 
 
+async def get_reads(request: Request) -> ReadPool:
+    reads: ReadPool = request.app.state.reads
+    return reads
+
+
+async def get_health(request: Request) -> Health:
+    health: Health = request.app.state.health
+    return health
+
+
 ServicesDep = Annotated[Services, Depends(get_services)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+ReadsDep = Annotated[ReadPool, Depends(get_reads)]
+HealthDep = Annotated[Health, Depends(get_health)]

@@ -6,16 +6,16 @@ import asyncio
 import base64
 import binascii
 import json
+from datetime import date
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Path, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from config.clock import business_today, utc_now
 from domain.message import normalise_id, valid_id, valid_version
-from domain.ports import TradeFilter, Unavailable
+from domain.ports import StoredTrade, TradeFilter, TradeReader, Unavailable
 from domain.status import RequestState
 from domain.trade import Rejected
 from domain.use_cases import accept, trade_page
@@ -29,7 +29,7 @@ from ingest_api.auth import (
     require,
     sees,
 )
-from ingest_api.deps import ServicesDep, SettingsDep
+from ingest_api.deps import HealthDep, ReadsDep, ServicesDep, SettingsDep
 from ingest_api.openapi import HEADERS, problem
 from ingest_api.problems import ProblemError
 from ingest_api.quotas import OVER_QUOTA, quota
@@ -57,7 +57,11 @@ PathId = Annotated[str, Path(json_schema_extra=ID_SCHEMA)]
 
 
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status, headers=headers, media_type="application/json")
+    return _encoded(status, orjson.dumps(body), headers)
+
+
+def _encoded(status: int, body: bytes, headers: dict[str, str] | None = None) -> Response:
+    return Response(body, status, headers=headers, media_type="application/json")
 
 
 @router.post(
@@ -143,6 +147,7 @@ async def get_request(
     services: ServicesDep,
     settings: SettingsDep,
     client: Annotated[Client | None, Depends(READS_REQUESTS)],
+    reads: ReadsDep,
 ) -> Response:
     """The status of one submission: PENDING, then SUCCESS or FAILED with a reason."""
     status = None
@@ -151,9 +156,7 @@ async def get_request(
         # Bounded like a submission: a hung status store is a 503 in time.
         timeout_s = settings.produce_timeout_ms / 1000
         try:
-            status = await asyncio.wait_for(
-                run_in_threadpool(services.statuses.get, request_id), timeout_s
-            )
+            status = await asyncio.wait_for(reads.run(services.statuses.get, request_id), timeout_s)
         except TimeoutError:
             raise Unavailable(f"status store did not answer within {timeout_s:g} s") from None
     if status is None or not sees(client, status):  # another client's: as if unknown
@@ -194,10 +197,11 @@ def decode_cursor(cursor: str) -> tuple[str, int]:
     },
     dependencies=[Depends(READS_TRADES), quota("reads")],
 )
-def list_trades(
+async def list_trades(
     request: Request,
     services: ServicesDep,
     settings: SettingsDep,
+    reads: ReadsDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: Annotated[str | None, Query(description="Cursor from the Link header")] = None,
     book_id: Identifier | None = None,
@@ -205,7 +209,8 @@ def list_trades(
     expired: bool | None = None,
 ) -> Response:
     """Stored trade versions ordered by (trade_id bytes, version); `Link: rel="next"` pages."""
-    rows, following = trade_page(
+    body, following = await reads.run(
+        _page,
         services.trades,
         decode_cursor(after) if after else None,
         limit,
@@ -216,7 +221,47 @@ def list_trades(
     if following is not None:
         url = request.url.include_query_params(after=encode_cursor(*following))
         headers["Link"] = f'<{settings.public_url(f"{url.path}?{url.query}")}>; rel="next"'
-    return _json(200, [TradeOut.of(r).model_dump(mode="json") for r in rows], headers)
+    return _encoded(200, body, headers)
+
+
+def _trades_json(rows: list[StoredTrade]) -> bytes:
+    """``TradeOut``'s JSON of each row, built by orjson straight from the rows: 3 ms for a
+    page of 1,000 where pydantic's models took 21 ms of the interpreter, which the event
+    loop acknowledging POSTs shares (tests/unit/test_health.py holds the two equal)."""
+    return orjson.dumps([_trade_fields(r) for r in rows], option=orjson.OPT_UTC_Z)
+
+
+def _trade_fields(stored: StoredTrade) -> dict[str, Any]:
+    t = stored.trade
+    return {
+        "trade_id": t.trade_id,
+        "version": t.version,
+        "counterparty_id": t.counterparty_id,
+        "book_id": t.book_id,
+        "maturity_date": t.maturity_date,
+        "created_date": t.created_date,
+        "expired": stored.expired,
+        "created_at": stored.created_at,
+        "updated_at": stored.updated_at,
+    }
+
+
+def _page(
+    trades: TradeReader,
+    after: tuple[str, int] | None,
+    limit: int,
+    where: TradeFilter,
+    as_of: date,
+) -> tuple[bytes, tuple[str, int] | None]:
+    """On a read thread: a page of trades, encoded, and the next page's cursor."""
+    rows, following = trade_page(trades, after, limit, where, as_of)
+    return _trades_json(rows), following
+
+
+def _versions(trades: TradeReader, trade_id: str, as_of: date) -> bytes | None:
+    """On a read thread: every stored version of a trade, encoded; None if there is none."""
+    rows = trades.versions(trade_id, as_of)
+    return _trades_json(rows) if rows else None
 
 
 @router.get(
@@ -231,25 +276,18 @@ def list_trades(
     },
     dependencies=[Depends(READS_TRADES), quota("reads")],
 )
-def get_trade(trade_id: PathId, services: ServicesDep, settings: SettingsDep) -> Response:
+async def get_trade(
+    trade_id: PathId, services: ServicesDep, settings: SettingsDep, reads: ReadsDep
+) -> Response:
     """Every stored version of one trade, ascending."""
     trade_id = normalise_id(trade_id)
-    rows = (
-        services.trades.versions(trade_id, business_today(settings.business_timezone))
-        if valid_id(trade_id)
-        else []
-    )
-    if not rows:
+    body = None
+    if valid_id(trade_id):
+        today = business_today(settings.business_timezone)
+        body = await reads.run(_versions, services.trades, trade_id, today)
+    if body is None:
         raise ProblemError(404, "NOT_FOUND", "No such trade", field="trade_id")
-    return _json(200, [TradeOut.of(r).model_dump(mode="json") for r in rows])
-
-
-async def _check(ping: Any, timeout_s: float = 3.0) -> str:
-    try:
-        await asyncio.wait_for(run_in_threadpool(ping), timeout_s)
-    except (Unavailable, TimeoutError):
-        return "unavailable"
-    return "ok"
+    return _encoded(200, body)
 
 
 @router.get("/health/live")
@@ -259,13 +297,13 @@ async def liveness() -> Response:
 
 
 @router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
-async def health(services: ServicesDep, known: Annotated[bool, Depends(authenticated)]) -> Response:
-    """Real checks of the trade store, the queue and the status store; each part only to an
-    authenticated caller (when authentication is on), the overall state to anyone."""
-    db, kafka, status_store = await asyncio.gather(
-        _check(services.trades.ping), _check(services.queue.ping), _check(services.statuses.ping)
-    )
-    parts = {"db": db, "kafka": kafka, "status_store": status_store}
+async def health(health: HealthDep, known: Annotated[bool, Depends(authenticated)]) -> Response:
+    """Whether writes can succeed: the queue takes appends (embedded: the inbound log's write
+    lock is free; services: the producer has a broker connection up), the status store takes
+    a write, and the trade store answers a query. Each probe's result is reused for
+    HEALTH_CACHE_SECONDS. Each part only to an authenticated caller (when authentication is
+    on), the overall state to anyone."""
+    parts = await health.parts()
     healthy = all(v == "ok" for v in parts.values())
     shown = parts if known else {}
     return _json(200 if healthy else 503, {"status": "ok" if healthy else "degraded", **shown})

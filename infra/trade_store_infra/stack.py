@@ -99,9 +99,9 @@ URL_UNSAFE_CHARACTERS = " !\"#$%&'()*+,/:;<=>?@[\\]^`{|}~"
 # DynamoDB calls made by adapters/dynamodb.py, per role (nothing else, and only on the table).
 API_TABLE_ACTIONS = [
     "dynamodb:BatchWriteItem",  # PENDING records (put_pending)
-    "dynamodb:DeleteItem",  # withdraw a PENDING record when queueing fails
+    # withdraw a PENDING record when queueing fails; health's write probe (a reserved key)
+    "dynamodb:DeleteItem",
     "dynamodb:GetItem",  # GET /api/v1/requests/{id}
-    "dynamodb:DescribeTable",  # health check
 ]
 PROCESSOR_TABLE_ACTIONS = [
     "dynamodb:BatchGetItem",  # which outcomes' records are terminal already (complete)

@@ -294,21 +294,6 @@ def test_list_rejects_bad_paging(api: Api, query: str) -> None:
     assert reply.json()["field"] in {"limit", "after"}
 
 
-def test_health(api: Api) -> None:
-    assert api.client.get("/api/v1/health").json() == {
-        "status": "ok",
-        "db": "ok",
-        "kafka": "ok",
-        "status_store": "ok",
-    }
-    api.trades.down = True
-    assert api.client.get("/api/v1/health/live").json() == {"status": "ok"}
-    reply = api.client.get("/api/v1/health")
-    assert reply.status_code == 503
-    assert reply.json()["status"] == "degraded"
-    assert reply.json()["db"] == "unavailable"
-
-
 def test_openapi_documents_every_route(api: Api) -> None:
     paths = api.client.get("/openapi.json").json()["paths"]
     assert set(paths) == {
