@@ -24,6 +24,8 @@ def _migrate_embedded(settings: Settings, args: argparse.Namespace) -> None:
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
+    from ingest_api.server import uvicorn_options
+
     _migrate_embedded(settings, args)
     uvicorn.run(
         "ingest_api.app:create_app",
@@ -34,6 +36,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         log_config=None,
         access_log=False,
         server_header=False,
+        **uvicorn_options(settings),
     )
     return 0
 

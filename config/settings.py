@@ -74,6 +74,12 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
 
+    # Hostile clients (README "Limits"): the HTTP server's own bounds, per API worker.
+    max_header_bytes: int = Field(default=16_384, ge=1_024)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    max_connections: int = Field(default=1_024, ge=1)
+
     @property
     def embedded(self) -> bool:
         return self.profile == "embedded"
