@@ -48,6 +48,8 @@ def _refuses_auth(settings: Settings, host: str, command: str) -> bool:
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
+    from ingest_api.server import uvicorn_options
+
     if _refuses_auth(settings, args.host or settings.host, "serve"):
         return 2
     _migrate_embedded(settings, args)
@@ -62,6 +64,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         server_header=False,
         proxy_headers=bool(settings.trusted_proxies),
         forwarded_allow_ips=settings.trusted_proxies or None,
+        **uvicorn_options(settings),
     )
     return 0
 

@@ -100,6 +100,12 @@ class Settings(BaseSettings):
     max_waiting_reads: int = Field(default=64, ge=0)
     health_cache_seconds: float = Field(default=1.0, ge=0)
 
+    # Hostile clients (README "Limits"): the HTTP server's own bounds, per API worker.
+    max_header_bytes: int = Field(default=16_384, ge=1_024)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    max_connections: int = Field(default=1_024, ge=1)
+
     @property
     def embedded(self) -> bool:
         return self.profile == "embedded"
