@@ -255,6 +255,9 @@ def test_api_service_behind_the_alb_with_health_check(dev: Synthesised) -> None:
         },
     )
     assert HEALTH_CHECK_PATH == "/api/v1/health/live"
+    # Forwarded client addresses (per-IP quotas, logs) are believed from the VPC only.
+    trusted = env_of(dev.template, "api")["TRADE_STORE_TRUSTED_PROXIES"]
+    assert trusted["Fn::GetAtt"][1] == "CidrBlock"
     dev.template.has_resource_properties(
         "AWS::ElasticLoadBalancingV2::LoadBalancer", {"Scheme": "internal"}
     )

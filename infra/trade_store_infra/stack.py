@@ -520,7 +520,12 @@ class TradeStoreStack(Stack):
             2048,
             API_KEYS_COMMAND if self.api_keys else ["trade-store", "serve"],
             API_TABLE_ACTIONS,
-            {"TRADE_STORE_API_WORKERS": "2", **self.api_auth_env},
+            {
+                "TRADE_STORE_API_WORKERS": "2",
+                # The load balancer, inside the VPC, forwards the client's address.
+                "TRADE_STORE_TRUSTED_PROXIES": self.vpc.vpc_cidr_block,
+                **self.api_auth_env,
+            },
         )
         api.add_port_mappings(ecs.PortMapping(container_port=API_PORT))
         if self.api_keys:
