@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 from bytewax import operators as op
 from bytewax.dataflow import Dataflow, Stream
+from bytewax.errors import BytewaxRuntimeError
 from bytewax.outputs import Sink
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
@@ -78,8 +79,8 @@ def run(
 ) -> None:
     """Run until SIGINT/SIGTERM: create topics if missing, sweep expiry, process the queue."""
     # Explicitly: a process started in the background inherits SIGINT as ignored.
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     sweepers: list[Periodic] = []
     try:
         created = wiring.create_topics(settings)
@@ -100,25 +101,27 @@ def run(
             dataflow,
             workers_per_process=workers,
             process_id=process_id,
-            # A list, even empty: Bytewax then runs the workers on threads of their own and
-            # this thread watches for signals, so a stop is a clean shutdown. (One worker
-            # and no list: it runs the worker here and stops it by a Rust panic, printed raw
-            # to stderr.)
-            addresses=addresses or [],
+            addresses=addresses,
             epoch_interval=timedelta(seconds=settings.snapshot_interval_seconds),
             recovery_config=RecoveryConfig(settings.recovery_path),
         )
-    except KeyboardInterrupt:  # raised by _stop: the normal way to stop
-        pass
+    except (BytewaxRuntimeError, KeyboardInterrupt) as exc:
+        # Bytewax reports a signal as an error; for us it is the normal way to stop.
+        if not _interrupted(exc):
+            raise
     finally:
         for sweeper in sweepers:
             sweeper.stop()
         log.info("processor stopped")
 
 
-def _stop(_signum: int, _frame: FrameType | None) -> None:
-    """The first SIGINT or SIGTERM stops the processor; later ones are ignored, so they
-    cannot break into its shutdown (Ctrl-C under ``dev`` brings both)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _interrupted(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt) or "signal received" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
