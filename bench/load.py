@@ -122,6 +122,9 @@ def percentile(values: array[float] | list[float], q: float) -> float | None:
 
 
 def trade_body(tag: str, n: int, maturity: str) -> bytes:
+    """A valid POST body; the phase's tag (e.g. "api-500/s") made fit for an id, which may
+    not hold "/"."""
+    tag = tag.replace("/", "-per-")
     return (
         b'{"trade_id":"%s-%d","version":1,"counterparty_id":"CP-%d","book_id":"B-%d",'
         b'"maturity_date":"%s"}' % (tag.encode(), n, n % 97, n % 13, maturity.encode())
