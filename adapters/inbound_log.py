@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from adapters.sqlite_file import Params, delete_in_chunks, write_once, writer_of
+from adapters.sqlite_file import Params, add_column, delete_in_chunks, write_once, writer_of
 from config.clock import utc_now
 from domain.message import TradeMessage, encode
 from domain.ports import Unavailable
@@ -137,9 +137,7 @@ class SqliteInboundLog:
         with writer_of(self.path) as writer:
             writer.conn.executescript(LOG_SCHEMA)
             with writer.transaction("inbound log") as conn:
-                columns = {row[1] for row in conn.execute("PRAGMA table_info(inbound_log)")}
-                if "accepted_at" not in columns:
-                    conn.execute("ALTER TABLE inbound_log ADD COLUMN accepted_at INTEGER")
+                add_column(conn, "inbound_log", "accepted_at", "INTEGER")
                 conn.execute(
                     "INSERT OR IGNORE INTO log_meta (name, value) VALUES ('partitions', ?)",
                     (self.partitions,),

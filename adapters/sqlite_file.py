@@ -210,3 +210,11 @@ def delete_in_chunks(writer: Writer, sql: str, params: Params, what: str) -> int
         total += count
         if count < DELETE_CHUNK:
             return total
+
+
+def add_column(conn: sqlite3.Connection, table: str, column: str, declaration: str) -> None:
+    """Add ``column`` to a file written before it existed (inside the caller's transaction,
+    under the write lock, so two processes starting at once do not both add it)."""
+    columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+    if column not in columns:
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from adapters.sqlite_file import Params, Readers, Writer, delete_in_chunks, writer_of
+from adapters.sqlite_file import Params, Readers, Writer, add_column, delete_in_chunks, writer_of
 from config.clock import utc_now
 from domain.ports import Unavailable
 from domain.status import Outcome, ReasonCode, RequestState, RequestStatus
@@ -89,12 +89,8 @@ class SqliteStatusStore:
     def ensure_schema(self) -> None:
         with writer_of(self.path) as writer:
             writer.conn.executescript(STATUS_SCHEMA)
-            # A file from before authentication; under the write lock, as two processes
-            # starting at once would both add the column.
-            with writer.transaction("status store") as conn:
-                columns = {row[1] for row in conn.execute("PRAGMA table_info(request_status)")}
-                if "client_id" not in columns:
-                    conn.execute("ALTER TABLE request_status ADD COLUMN client_id TEXT")
+            with writer.transaction("status store") as conn:  # files from before auth
+                add_column(conn, "request_status", "client_id", "TEXT")
 
     def adopt(self, old: Path) -> None:
         """Take over the statuses of a separate status file (where earlier versions kept
