@@ -40,6 +40,29 @@ class RequestStatus:
     reason_code: ReasonCode | None = None
     failure_reason: str | None = None
     client_id: str | None = None  # who submitted it (None: authentication was off)
+    batch_id: str | None = None  # the batch it came in, if any
+    batch_index: int | None = None  # its position in that batch, from 0
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One batch submission: its accepted items are requests naming it (``batch_id``,
+    ``batch_index``); items refused at the door have no request and are not counted."""
+
+    batch_id: str
+    created_at: datetime
+    accepted: int
+    client_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchProgress:
+    """What ``GET /api/v1/batches/{batch_id}`` shows: the batch and its requests by state."""
+
+    batch: Batch
+    pending: int
+    success: int
+    failed: int
 
 
 @dataclass(frozen=True, slots=True)
