@@ -48,24 +48,27 @@ def _refuses_auth(settings: Settings, host: str, command: str) -> bool:
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
+    from ingest_api.metrics import shared_across
     from ingest_api.server import uvicorn_options
 
     if _refuses_auth(settings, args.host or settings.host, "serve"):
         return 2
     _migrate_embedded(settings, args)
-    uvicorn.run(
-        "ingest_api.app:create_app",
-        factory=True,
-        host=args.host or settings.host,
-        port=args.port or settings.port,
-        workers=args.workers or settings.api_workers,
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        proxy_headers=bool(settings.trusted_proxies),
-        forwarded_allow_ips=settings.trusted_proxies or None,
-        **uvicorn_options(settings),
-    )
+    workers = args.workers or settings.api_workers
+    with shared_across(workers):
+        uvicorn.run(
+            "ingest_api.app:create_app",
+            factory=True,
+            host=args.host or settings.host,
+            port=args.port or settings.port,
+            workers=workers,
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            proxy_headers=bool(settings.trusted_proxies),
+            forwarded_allow_ips=settings.trusted_proxies or None,
+            **uvicorn_options(settings),
+        )
     return 0
 
 

@@ -8,6 +8,7 @@ runner (pass -r/-s/-b for recovery yourself); ``trade-store process`` does it fo
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
@@ -20,6 +21,8 @@ from bytewax.errors import BytewaxRuntimeError
 from bytewax.outputs import Sink
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
+from confluent_kafka.admin import AdminClient
+from prometheus_client import REGISTRY, start_http_server
 
 from adapters import wiring
 from cli.sweeps import ExpirySweeper, Periodic, RetentionSweeper
@@ -28,7 +31,8 @@ from config.settings import Settings, get_settings
 from dataflows.trades import build_flow
 from domain.dead_letter import DeadLetter
 from sinks.dead_letter import KafkaDeadLetterSink, SqliteDeadLetterSink
-from sources.kafka import kafka_inbound
+from sinks.metrics import QueueLag, kafka_lag, kafka_watermarks, log_backlog
+from sources.kafka import KAFKA_STEP, kafka_inbound
 from sources.sqlite_log import SqliteLogSource
 
 log = structlog.get_logger("processor")
@@ -62,6 +66,41 @@ def flow(settings: Settings | None = None) -> Dataflow:
     )
 
 
+def serve_metrics(settings: Settings, flow_id: str, process_id: int) -> Callable[[], None]:
+    """Serve the process's Prometheus registry, with the queue's lag, on the metrics port
+    (+ ``process_id``, so a cluster's processes on one host do not collide); returns what
+    stops it."""
+    if settings.embedded:
+        path, partitions = wiring.inbound_log_path(settings), settings.inbound_partitions
+        step_id = f"{flow_id}.{INBOUND_STEP}"
+        lag = QueueLag(
+            settings.recovery_path,
+            step_id,
+            lambda positions: log_backlog(path, partitions, positions),
+            int,
+        )
+    else:
+        admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+        topic = settings.inbound_topic
+        lag = QueueLag(
+            settings.recovery_path,
+            f"{flow_id}.{KAFKA_STEP}.kafka_input",
+            lambda positions: kafka_lag(kafka_watermarks(admin, topic), positions),
+            lambda key: int(key.split("-", 1)[0]),  # Bytewax's "<partition>-<topic>"
+        )
+    REGISTRY.register(lag)
+    port = settings.metrics_port + process_id  # type: ignore[operator]
+    server, thread = start_http_server(port, settings.metrics_host)
+    log.info("metrics served", host=settings.metrics_host, port=port)
+
+    def stop() -> None:
+        server.shutdown()
+        thread.join()
+        REGISTRY.unregister(lag)
+
+    return stop
+
+
 def ensure_recovery_dir(path: Path, partitions: int) -> None:
     """Create Bytewax's recovery partitions on first start; reuse them afterwards."""
     if path.exists() and any(path.iterdir()):
@@ -82,6 +121,7 @@ def run(
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     sweepers: list[Periodic] = []
+    stop_metrics: Callable[[], None] | None = None
     try:
         created = wiring.create_topics(settings)
         if created:
@@ -95,6 +135,8 @@ def run(
         ]
         for sweeper in sweepers:
             sweeper.start()
+        if settings.metrics_port is not None:
+            stop_metrics = serve_metrics(settings, dataflow.flow_id, process_id or 0)
         log.info("processor started", profile=settings.profile, workers=workers)
         tune_gc()
         cli_main(
@@ -112,6 +154,8 @@ def run(
     finally:
         for sweeper in sweepers:
             sweeper.stop()
+        if stop_metrics is not None:
+            stop_metrics()
         log.info("processor stopped")
 
 

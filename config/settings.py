@@ -147,6 +147,11 @@ class Settings(BaseSettings):
         base = str(self.public_base_url).rstrip("/") if self.public_base_url else ""
         return base + path
 
+    # Metrics (README "Metrics"): the processor's Prometheus endpoint; unset, none is served.
+    # Each process of a cluster listens on this port + its --process-id.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -25,6 +25,7 @@ from domain.deadline import appended_late, deadline_of
 from domain.message import TradeMessage, UndecodableMessage, decode, request_id_of
 from domain.ports import DecisionStore, OutcomeWriter
 from domain.trade import Decision, decide_in_order
+from sinks.metrics import DEAD_LETTERS, RECORDS_READ
 from sinks.stores import DeadLetterStatusSink, TradeSink
 from sources import RawRecord
 
@@ -68,6 +69,7 @@ def _dead_letter(record: RawRecord, reason: str, request_id: str | None) -> Dead
         partition=record.partition,
         offset=record.offset,
     )
+    DEAD_LETTERS.inc()
     log.warning(
         "dead letter",
         reason=reason,
@@ -78,6 +80,12 @@ def _dead_letter(record: RawRecord, reason: str, request_id: str | None) -> Dead
         offset=record.offset,
     )
     return letter
+
+
+def decode_batch(records: list[RawRecord]) -> list[TradeMessage | DeadLetter]:
+    """``decode_record`` of each record of a batch, counted once per batch."""
+    RECORDS_READ.inc(len(records))
+    return [decode_record(r) for r in records]
 
 
 def is_message(item: TradeMessage | DeadLetter) -> TypeGuard[TradeMessage]:
@@ -96,8 +104,8 @@ class Decoded:
 
 @operator
 def decode_records(step_id: str, up: Stream[RawRecord]) -> Decoded:
-    """Decode every record (``decode_record``), split into messages and dead letters."""
-    split = op.branch("split", op.map("decode", up, decode_record), is_message)
+    """Decode every record (``decode_batch``), split into messages and dead letters."""
+    split = op.branch("split", op.flat_map_batch("decode", up, decode_batch), is_message)
     # A TypeGuard types only the trues; decode_record returns nothing else but dead letters.
     return Decoded(split.trues, cast(Stream[DeadLetter], split.falses))
 

@@ -13,7 +13,7 @@ from adapters.wiring import Services, api_services
 from config.logs import configure_logging
 from config.runtime import tune_gc, tune_switching
 from config.settings import Settings, get_settings
-from ingest_api import auth, docs, openapi, problems, quotas
+from ingest_api import auth, docs, metrics, openapi, problems, quotas
 from ingest_api.health import Health
 from ingest_api.middleware import BodyLimitMiddleware, CorrelationMiddleware
 from ingest_api.problems import UnexpectedErrorMiddleware
@@ -55,6 +55,7 @@ def create_app(
         finally:
             app.state.reads.close()
             app.state.services.close()
+            metrics.worker_stopped()
             log.info("api stopped")
 
     app = FastAPI(
@@ -76,6 +77,9 @@ def create_app(
     app.add_middleware(CorrelationMiddleware)
     add_cors(app, settings.cors_origins)
     app.include_router(router)
+    app.add_route("/metrics", metrics.metrics, include_in_schema=False)
     docs.install(app)
     openapi.install(app)
+    # Outermost of all, added once every route exists: it sees every answer.
+    app.add_middleware(metrics.MetricsMiddleware, routes=[*router.routes, *app.router.routes])
     return app

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.intake import Overloaded
 from domain.ports import Unavailable
+from ingest_api.metrics import CAUSE_KEY
 
 MEDIA_TYPE = "application/problem+json"
 # The dependencies a 503 may name; an adapter's own error text stays in the log.
@@ -136,8 +137,9 @@ def install(app: FastAPI, retry_after_seconds: int) -> None:
         assert isinstance(exc, ProblemError)
         return problem_response(exc.status, exc.code, exc.title, field=exc.field)
 
-    async def on_unavailable(_: Request, exc: Exception) -> Response:
+    async def on_unavailable(request: Request, exc: Exception) -> Response:
         log_error("dependency unavailable", error=str(exc))
+        request.scope.setdefault("state", {})[CAUSE_KEY] = dependency_of(exc)
         return problem_response(
             503,
             "SERVICE_UNAVAILABLE",

@@ -27,6 +27,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from config.settings import Settings, get_settings
+from ingest_api.metrics import note_refusal
 from ingest_api.problems import problem_response
 
 log = structlog.get_logger("ingest_api")
@@ -154,6 +155,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         if app is service_unavailable:  # uvicorn's text/plain 503 over limit_concurrency
             app = self._limits.too_many_connections  # type: ignore[assignment]
+            note_refusal(429, "connections")
         super()._start_asgi_task(cycle, app)
 
     def _arm(self, seconds: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -15,6 +16,7 @@ from domain.ports import DecisionStore, OutcomeWriter
 from domain.status import Outcome, RequestState
 from domain.trade import Decision
 from domain.use_cases import record_dead_letters, record_decisions
+from sinks import metrics
 
 log = structlog.get_logger("sinks")
 
@@ -51,12 +53,16 @@ class _TradePartition(StatelessSinkPartition[Decision]):
         self._status_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outcomes")
 
     def _record(self, chunk: list[Decision]) -> list[Outcome]:
+        metrics.BATCH_SIZE.observe(len(chunk))
         return until_available(
-            lambda: record_decisions(self._trades, chunk, utc_now()), "trade store"
+            lambda: metrics.timed_commit(lambda: record_decisions(self._trades, chunk, utc_now())),
+            "trade store",
         )
 
     def _write_outcomes(self, chunk: list[Decision], outcomes: list[Outcome]) -> None:
         until_available(lambda: self._statuses.write_outcomes(outcomes), "status store")
+        metrics.observe_written(chunk, time.time())
+        metrics.count_decided(outcomes)
         log_outcomes(outcomes, {d.message.request_id: d.message.correlation_id for d in chunk})
 
     def write_batch(self, items: list[Decision]) -> None:
@@ -109,6 +115,7 @@ class _DeadLetterStatusPartition(StatelessSinkPartition[Outcome]):
             "trade store (decision log)",
         )
         until_available(lambda: self._statuses.fail_pending(logged), "status store")
+        metrics.count_decided(logged)
 
 
 class DeadLetterStatusSink(DynamicSink[Outcome]):

@@ -15,6 +15,7 @@ from bytewax.dataflow import Dataflow, Stream
 from config.logs import kafka_logger
 
 log = structlog.get_logger("sources.kafka")
+KAFKA_STEP = "kafka-inbound"
 
 
 def log_consumer_error(step_id: str, error: KafkaError[bytes | None, bytes | None]) -> None:
@@ -27,7 +28,7 @@ def kafka_inbound(
 ) -> Stream[KafkaSourceMessage[bytes | None, bytes | None]]:
     """Read ``topic`` from the beginning (or the recovered offsets) and tail it."""
     out = kop.input(
-        "kafka-inbound",
+        KAFKA_STEP,
         flow,
         brokers=brokers.split(","),
         topics=[topic],
