@@ -1,0 +1,177 @@
+"""Our own metrics logic: the labels the API's middleware gives, the causes of refusals,
+the multiprocess directory ``serve`` prepares, and the lag arithmetic of the processor."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+
+from adapters.intake import PendingThenQueue
+from adapters.wiring import Services
+from config.clock import business_today
+from config.settings import Settings
+from domain.ports import Unavailable
+from domain.status import Outcome, ReasonCode, RequestState, RequestStatus
+from ingest_api.app import create_app
+from ingest_api.metrics import MULTIPROC_ENV, refusal_cause, shared_across
+from sinks.metrics import count_decided, kafka_lag
+from tests.fakes import FakeQueue, FakeStatusStore, FakeTradeStore
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[tuple[TestClient, FakeStatusStore]]:
+    keys = tmp_path / "keys"
+    keys.write_text("")
+    statuses, queue = FakeStatusStore(), FakeQueue()
+    app = create_app(
+        Settings(auth="api-key", api_keys_file=keys, quota_reads_per_second=1),
+        services=lambda _: Services(
+            FakeTradeStore(), statuses, queue, PendingThenQueue(statuses, queue)
+        ),
+    )
+    with TestClient(app) as c:
+        yield c, statuses
+
+
+def test_answers_are_counted_by_route_template_not_path(
+    client: tuple[TestClient, FakeStatusStore],
+) -> None:
+    c, _ = client
+    template = "/api/v1/trades/{trade_id}"
+    before = {
+        m: sample("trade_store_api_requests_total", route=template, method=m, status="401")
+        for m in ("GET", "HEAD")
+    }
+    c.get("/api/v1/trades/A"), c.get("/api/v1/trades/B"), c.head("/api/v1/trades/C")
+    assert (
+        sample("trade_store_api_requests_total", route=template, method="GET", status="401")
+        == before["GET"] + 2
+    )
+    # HEAD runs on a copy of the scope: the route is found by its path all the same.
+    assert (
+        sample("trade_store_api_requests_total", route=template, method="HEAD", status="401")
+        == before["HEAD"] + 1
+    )
+    unmatched = sample(
+        "trade_store_api_requests_total", route="unmatched", method="GET", status="404"
+    )
+    c.get("/no/such/path")
+    assert (
+        sample("trade_store_api_requests_total", route="unmatched", method="GET", status="404")
+        == unmatched + 1
+    )
+
+
+def test_metrics_is_open_and_in_the_text_format(
+    client: tuple[TestClient, FakeStatusStore],
+) -> None:
+    c, _ = client
+    reply = c.get("/metrics")  # no credentials, authentication on
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/plain; version=")
+    assert "# TYPE trade_store_api_request_duration_seconds histogram" in reply.text
+    assert "/metrics" not in c.get("/openapi.json").text
+
+
+class DownStatusStore(FakeStatusStore):
+    async def put_pending(self, status: RequestStatus) -> None:
+        raise Unavailable("status store: connection refused")
+
+
+def test_a_503_is_counted_by_the_dependency_it_names() -> None:
+    settings = Settings(auth="none")
+    statuses, queue = DownStatusStore(), FakeQueue()
+    app = create_app(
+        settings,
+        services=lambda _: Services(
+            FakeTradeStore(), statuses, queue, PendingThenQueue(statuses, queue)
+        ),
+    )
+    maturity = (business_today("UTC") + timedelta(days=5)).isoformat()
+    body = {
+        "trade_id": "T",
+        "version": 1,
+        "counterparty_id": "C",
+        "book_id": "B",
+        "maturity_date": maturity,
+    }
+    before = sample("trade_store_api_refusals_total", status="503", cause="status store")
+    with TestClient(app) as c:
+        assert c.post("/api/v1/trades", json=body).status_code == 503
+    assert (
+        sample("trade_store_api_refusals_total", status="503", cause="status store") == before + 1
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "state", "cause"),
+    [
+        (429, b'{"code":"RATE_LIMITED"}', {}, "rate_limited"),
+        (429, b'{"code":"TOO_MANY_REQUESTS"}', {}, "waiting"),
+        (503, b'{"code":"SERVICE_UNAVAILABLE"}', {"refusal_cause": "status store"}, "status store"),
+        (503, b'{"status":"degraded","db":"ok"}', {}, "degraded"),
+        (503, b"not json", {}, "degraded"),
+        (429, b"[]", {}, "other"),
+    ],
+)
+def test_refusal_causes(status: int, body: bytes, state: dict[str, str], cause: str) -> None:
+    assert refusal_cause(status, body, state) == cause
+
+
+def test_several_workers_share_a_fresh_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+    with shared_across(1):
+        assert MULTIPROC_ENV not in os.environ  # one worker: in memory
+    with shared_across(2):
+        made = Path(os.environ[MULTIPROC_ENV])
+        assert made.is_dir()
+    assert not made.exists()
+    assert MULTIPROC_ENV not in os.environ
+    given = tmp_path / "mp"
+    given.mkdir()
+    (given / "counter_123.db").write_bytes(b"old run")
+    monkeypatch.setenv(MULTIPROC_ENV, str(given))
+    with shared_across(2):
+        assert list(given.iterdir()) == []  # an earlier run's values do not come back
+    assert given.is_dir()
+
+
+def test_kafka_lag_is_the_high_watermark_less_the_next_offset() -> None:
+    watermarks = {0: (0, 10), 1: (5, 9), 2: (3, 3)}
+    # Partition 1 was never read: it starts at its low watermark, not at 0.
+    assert kafka_lag(watermarks, {0: 4, 2: 3}) == {0: 6, 1: 4, 2: 0}
+
+
+def test_decisions_are_counted_by_state_and_reason() -> None:
+    def outcome(state: RequestState, reason: ReasonCode | None) -> Outcome:
+        return Outcome("r", "T", 1, state, reason)
+
+    stale = ("FAILED", "STALE_VERSION")
+    before = sample("trade_store_processor_decisions_total", state="SUCCESS", reason_code="")
+    before_stale = sample(
+        "trade_store_processor_decisions_total", state=stale[0], reason_code=stale[1]
+    )
+    count_decided(
+        [outcome(RequestState.SUCCESS, None)] * 3
+        + [outcome(RequestState.FAILED, ReasonCode.STALE_VERSION)]
+    )
+    assert (
+        sample("trade_store_processor_decisions_total", state="SUCCESS", reason_code="")
+        == before + 3
+    )
+    assert (
+        sample("trade_store_processor_decisions_total", state=stale[0], reason_code=stale[1])
+        == before_stale + 1
+    )
