@@ -46,16 +46,18 @@ def _refuses_auth(settings: Settings, host: str, command: str) -> bool:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    import uvicorn
+    from ingest_api.metrics_dir import shared_across
 
-    from ingest_api.metrics import shared_across
-    from ingest_api.server import uvicorn_options
-
-    if _refuses_auth(settings, args.host or settings.host, "serve"):
-        return 2
-    _migrate_embedded(settings, args)
     workers = args.workers or settings.api_workers
+    # First: what imports prometheus-client (the app's modules) must find its folder ready.
     with shared_across(workers):
+        import uvicorn
+
+        from ingest_api.server import uvicorn_options
+
+        if _refuses_auth(settings, args.host or settings.host, "serve"):
+            return 2
+        _migrate_embedded(settings, args)
         uvicorn.run(
             "ingest_api.app:create_app",
             factory=True,
@@ -73,6 +75,10 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _process(settings: Settings, args: argparse.Namespace) -> int:
+    from ingest_api.metrics_dir import MULTIPROC_ENV
+
+    # The API's variable: the processor's metrics are its own, in memory (README "Metrics").
+    os.environ.pop(MULTIPROC_ENV, None)
     from cli import processor
 
     _migrate_embedded(settings, args)

@@ -4,18 +4,14 @@ One pure ASGI middleware, outermost, times and counts every answer by route temp
 (never the raw path, so the series stay bounded), method and status. Refusals (429, 503)
 are also counted by cause. With several uvicorn workers the values live in
 prometheus-client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, made fresh by
-``serve``), so any worker's ``/metrics`` shows the sum of all of them.
+``serve``, see ingest_api.metrics_dir), so any worker's ``/metrics`` shows the sum of all.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -35,7 +31,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+from ingest_api.metrics_dir import MULTIPROC_ENV
+
 # Seconds; from 1 ms (an embedded ack) to the produce timeout and beyond.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -182,26 +179,3 @@ def worker_stopped() -> None:
     """Drop this worker's in-flight gauge from the shared directory (its counters stay)."""
     if MULTIPROC_ENV in os.environ:
         multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
-
-
-@contextmanager
-def shared_across(workers: int) -> Iterator[None]:
-    """For ``serve`` with several workers: a fresh multiprocess directory before they
-    start, so ``/metrics`` sums them and no earlier run's values come back. An operator's
-    ``PROMETHEUS_MULTIPROC_DIR`` is emptied and kept; otherwise a temporary one is made and
-    removed on exit. One worker keeps its values in memory: nothing to share, and cheaper."""
-    if workers == 1:
-        yield
-        return
-    given = os.environ.get(MULTIPROC_ENV)
-    path = Path(given) if given else Path(tempfile.mkdtemp(prefix="trade-store-metrics-"))
-    path.mkdir(parents=True, exist_ok=True)
-    for stale in path.glob("*.db"):
-        stale.unlink()
-    os.environ[MULTIPROC_ENV] = str(path)
-    try:
-        yield
-    finally:
-        if not given:
-            shutil.rmtree(path, ignore_errors=True)
-            del os.environ[MULTIPROC_ENV]

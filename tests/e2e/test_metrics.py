@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from config.clock import business_today
 from config.settings import Settings
@@ -93,15 +95,19 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
         snapshot_interval_seconds=3.0,  # lag stays up for a few scrapes after a restart
     )
     env = settings_env(settings)
-    api = start("metrics-api", ["serve"], env)
-    processor = start("metrics-processor", ["process"], env)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "multiproc")  # to see both workers' files
+    # Once, before both: two processes migrating one new SQLite file at once collide.
+    subprocess.run([sys.executable, "-m", "cli.main", "migrate"], env=env, check=True, timeout=60)
+    api = start("metrics-api", ["serve", "--no-migrate"], env)
+    processor = start("metrics-processor", ["process", "--no-migrate"], env)
     prometheus = Prometheus(tmp_path, {"api": api_port, "processor": metrics_port})
-    parts = {"settings": settings, "env": env, "api": api, "processor": processor}
+    parts = {"settings": settings, "env": env, "api": api, "processor": processor, "tmp": tmp_path}
+    parts["prometheus"] = prometheus
     try:
-        yield {**parts, "prometheus": prometheus}
+        yield parts
     finally:
         prometheus.stop()
-        stop(parts["processor"])
+        stop(parts["processor"])  # the one running now: the test restarts it
         stop(api)
 
 
@@ -129,8 +135,18 @@ def test_prometheus_scrapes_the_api_and_the_processor(stack: dict[str, Any]) -> 
         return prometheus.value(f'up{{job="{job}"}}') == 1
 
     wait_for(lambda: up("api") and up("processor"), 60, "both targets up")
+    # A connection each, until both workers have answered (each writes its own files).
+    fresh = httpx.Client(base_url=client.base_url, headers={"Connection": "close"}, timeout=10)
+
+    def workers_seen() -> int:
+        fresh.get("/api/v1/health/live")
+        return len(
+            {f.stem.rsplit("_", 1)[1] for f in (stack["tmp"] / "multiproc").glob("counter_*.db")}
+        )
+
+    wait_for(lambda: workers_seen() == 2, 30, "both API workers answering", every=0)
     bodies = [trade(f"M{i}") for i in range(5)] + [trade("M0", 2), trade("M0", 1)]  # 1 stale
-    assert [client.post("/api/v1/trades", json=b).status_code for b in bodies] == [202] * 7
+    assert [fresh.post("/api/v1/trades", json=b).status_code for b in bodies] == [202] * 7
     assert client.get("/api/v1/trades/NOPE").status_code == 404
     with sqlite3.connect(settings.data_dir / "inbound.db") as conn:  # one undecodable record
         conn.execute(
@@ -141,6 +157,15 @@ def test_prometheus_scrapes_the_api_and_the_processor(stack: dict[str, Any]) -> 
     # Either worker answers /metrics with the sum of both (multiprocess mode): seven POSTs.
     posts = 'trade_store_api_requests_total{route="/api/v1/trades",method="POST",status="202"}'
     wait_for(lambda: prometheus.value(posts) == 7, 30, "seven 202s scraped")
+    accepted = {"route": "/api/v1/trades", "method": "POST", "status": "202"}
+    for _ in range(10):  # whichever worker answers, on a connection of its own
+        samples = [
+            s.value
+            for family in text_string_to_metric_families(fresh.get("/metrics").text)
+            for s in family.samples
+            if s.name == "trade_store_api_requests_total" and s.labels == accepted
+        ]
+        assert samples == [7]
     found = prometheus.query(
         'trade_store_api_requests_total{route="/api/v1/trades/{trade_id}",status="404"}'
     )
@@ -160,15 +185,15 @@ def test_prometheus_scrapes_the_api_and_the_processor(stack: dict[str, Any]) -> 
     assert prometheus.value("trade_store_processor_batch_size_sum") == 7
     partitions = prometheus.query("trade_store_processor_lag_records")
     assert sorted(s["partition"] for s in partitions) == ["0", "1"]
+
+    wait_for(lambda: lag(prometheus) == 0, 30, "lag 0 once the snapshot covers everything")
     age = prometheus.value("trade_store_processor_snapshot_age_seconds")
     assert age is not None
     assert 0 <= age < 30
-
-    wait_for(lambda: lag(prometheus) == 0, 30, "lag 0 once the snapshot covers everything")
     assert stop(stack["processor"]) == 0
     for i in range(20):
         assert client.post("/api/v1/trades", json=trade(f"L{i}")).status_code == 202
-    stack["processor"] = start("metrics-processor", ["process"], stack["env"])
+    stack["processor"] = start("metrics-processor", ["process", "--no-migrate"], stack["env"])
     # The backlog queued while it was stopped, scraped as soon as it is back...
     wait_for(lambda: lag(prometheus) == 20, 60, "lag of the 20 queued records")
     # ...and gone once its next snapshot covers them.

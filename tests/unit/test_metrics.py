@@ -19,7 +19,8 @@ from config.settings import Settings
 from domain.ports import Unavailable
 from domain.status import Outcome, ReasonCode, RequestState, RequestStatus
 from ingest_api.app import create_app
-from ingest_api.metrics import MULTIPROC_ENV, refusal_cause, shared_across
+from ingest_api.metrics import refusal_cause
+from ingest_api.metrics_dir import MULTIPROC_ENV, shared_across
 from sinks.metrics import count_decided, kafka_lag
 from tests.fakes import FakeQueue, FakeStatusStore, FakeTradeStore
 
@@ -140,9 +141,10 @@ def test_several_workers_share_a_fresh_directory(
     assert not made.exists()
     assert MULTIPROC_ENV not in os.environ
     given = tmp_path / "mp"
-    given.mkdir()
-    (given / "counter_123.db").write_bytes(b"old run")
     monkeypatch.setenv(MULTIPROC_ENV, str(given))
+    with shared_across(1):
+        assert given.is_dir()  # made when missing, even for one worker
+    (given / "counter_123.db").write_bytes(b"old run")
     with shared_across(2):
         assert list(given.iterdir()) == []  # an earlier run's values do not come back
     assert given.is_dir()
