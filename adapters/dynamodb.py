@@ -27,7 +27,7 @@ from adapters.dynamodb_wire import (
 )
 from config.clock import utc_now
 from domain.ports import Unavailable
-from domain.status import Outcome, ReasonCode, RequestState, RequestStatus
+from domain.status import Batch, Outcome, ReasonCode, RequestState, RequestStatus
 
 log = structlog.get_logger("adapters")
 
@@ -136,6 +136,15 @@ class DynamoStatusStore:
 
     async def put_pending(self, status: RequestStatus) -> None:
         await self._pending.submit(status_item(status, self._expires_at(status.created_at)))
+
+    async def put_batch(self, batch: Batch) -> None:
+        item = {
+            "request_id": {"S": f"batch/{batch.batch_id}"},
+            "created_at": {"S": batch.created_at.isoformat()},
+            "accepted": {"N": str(batch.accepted)},
+            "expires_at": {"N": str(self._expires_at(batch.created_at))},
+        }
+        await asyncio.to_thread(self._call, "put_item", TableName=self._table, Item=item)
 
     def _undo(self, items: list[dict[str, Any]]) -> None:
         """Delete PENDING records whose callers gave up while they were being written."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from adapters.sqlite_file import Params, Readers, Writer, add_column, delete_in_chunks, writer_of
 from config.clock import utc_now
 from domain.ports import Unavailable
-from domain.status import Outcome, ReasonCode, RequestState, RequestStatus
+from domain.status import Batch, Outcome, ReasonCode, RequestState, RequestStatus
 
 STATUS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS request_status (
@@ -32,6 +32,14 @@ CREATE TABLE IF NOT EXISTS request_status (
     client_id TEXT
 );
 CREATE INDEX IF NOT EXISTS request_status_expires ON request_status (expires_at);
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id TEXT PRIMARY KEY, created_at TEXT NOT NULL, accepted INTEGER NOT NULL,
+    client_id TEXT, expires_at INTEGER NOT NULL
+);
+"""
+PUT_BATCH = """
+INSERT INTO batches (batch_id, created_at, accepted, client_id, expires_at) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (batch_id) DO UPDATE SET accepted = excluded.accepted
 """
 
 PUT_PENDING = """
@@ -131,6 +139,10 @@ class SqliteStatusStore:
             self._expires(at),
             status.client_id,
         )
+
+    def batch_row(self, batch: Batch) -> Params:
+        at = batch.created_at
+        return (batch.batch_id, at.isoformat(), batch.accepted, batch.client_id, self._expires(at))
 
     def write_outcomes(self, outcomes: Sequence[Outcome]) -> None:
         rows = [

@@ -13,13 +13,22 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Protocol
 
+from domain.idempotency import KeyRecord
 from domain.message import TradeMessage
-from domain.status import Outcome, RequestStatus
+from domain.status import Batch, Outcome, RequestStatus
 from domain.trade import Trade
 
 
 class Unavailable(Exception):
     """A dependency is down or timing out; the caller may retry later."""
+
+
+class Overloaded(Exception):
+    """Too much already waits on a dependency; the caller may retry after ``retry_after_s``."""
+
+    def __init__(self, reason: str, retry_after_s: int | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +131,10 @@ class PendingWriter(Protocol):
         """Delete a PENDING record whose trade could not be queued (never a terminal one)."""
         ...
 
+    async def put_batch(self, batch: Batch) -> None:
+        """Durably record a batch, once its accepted items are PENDING and queued."""
+        ...
+
 
 class OutcomeWriter(Protocol):
     """The processor's writes to the status store. One contract for every implementation
@@ -152,11 +165,24 @@ class StatusReader(Protocol):
         ...
 
 
-class Intake(Protocol):
-    """Takes in one accepted submission: its PENDING record and its queued trade."""
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """What one POST hands the intake: each accepted trade's PENDING record and queued
+    message, the batch they came in (if any) and the idempotency key it holds (if any)."""
 
-    async def accept(self, pending: RequestStatus, message: TradeMessage) -> None:
-        """Return once both are durable; raise Unavailable and leave no PENDING behind."""
+    accepted: Sequence[tuple[RequestStatus, TradeMessage]]
+    batch: Batch | None = None
+    key: KeyRecord | None = None
+
+
+class Intake(Protocol):
+    """Takes in one POST's accepted trades."""
+
+    async def accept(self, submission: Submission) -> KeyRecord | None:
+        """Return None once every PENDING record and message, then the batch and key
+        records, are durable; or, when the key is held already, the held record, having
+        written nothing. An outage raises Unavailable and leaves no PENDING record of a
+        trade that was not queued."""
         ...
 
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
 
-from adapters.intake import Overloaded
+from domain.ports import Overloaded
 
 T = TypeVar("T")
 

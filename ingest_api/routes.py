@@ -13,45 +13,36 @@ import orjson
 from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.responses import Response
 
-from config.clock import business_today, utc_now
+from config.clock import business_today
 from domain.message import normalise_id, valid_id, valid_version
 from domain.ports import StoredTrade, TradeFilter, TradeReader, Unavailable
-from domain.status import RequestState
-from domain.trade import Rejected
-from domain.use_cases import accept, trade_page
+from domain.use_cases import trade_page
 from ingest_api.auth import (
     AUTHENTICATED,
     REQUESTS_READ,
     TRADES_READ,
-    TRADES_WRITE,
     Client,
     authenticated,
     require,
     sees,
 )
 from ingest_api.deps import HealthDep, ReadsDep, ServicesDep, SettingsDep
-from ingest_api.openapi import HEADERS, problem
+from ingest_api.openapi import HEADERS, UNAVAILABLE, problem
 from ingest_api.problems import ProblemError
 from ingest_api.quotas import OVER_QUOTA, quota
 from ingest_api.schemas import (
     ID_SCHEMA,
-    AcceptedOut,
     HealthOut,
     Identifier,
     RequestOut,
-    TradeIn,
     TradeOut,
 )
 
 router = APIRouter(prefix="/api/v1")
 # One callable per scope: listed first in a route's dependencies, so the caller is known
 # before its quota is charged, and, asked again as a parameter, run once (FastAPI caches it).
-WRITES_TRADES = require(TRADES_WRITE)
 READS_TRADES = require(TRADES_READ)
 READS_REQUESTS = require(REQUESTS_READ)
-UNAVAILABLE: dict[int | str, dict[str, Any]] = {
-    503: problem("A dependency is down; retry after Retry-After", "Retry-After")
-}
 # Path ids are looked up as the id grammar reads them; one outside it is simply not there.
 PathId = Annotated[str, Path(json_schema_extra=ID_SCHEMA)]
 
@@ -62,63 +53,6 @@ def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Resp
 
 def _encoded(status: int, body: bytes, headers: dict[str, str] | None = None) -> Response:
     return Response(body, status, headers=headers, media_type="application/json")
-
-
-@router.post(
-    "/trades",
-    operation_id="submit_trade",
-    status_code=202,
-    response_model=AcceptedOut,
-    responses={
-        202: {
-            "headers": {"Location": HEADERS["Location"]},
-            "links": {
-                "GetRequest": {
-                    "operationId": "get_request",
-                    "parameters": {"request_id": "$response.body#/request_id"},
-                }
-            },
-        },
-        400: problem("Maturity date before today (code MATURITY_PASSED)"),
-        413: problem("Body too large (code PAYLOAD_TOO_LARGE)"),
-        422: problem("Body not JSON (MALFORMED_JSON) or invalid (VALIDATION_ERROR, field)"),
-        **AUTHENTICATED,
-        **OVER_QUOTA,
-        **UNAVAILABLE,
-    },
-    dependencies=[Depends(WRITES_TRADES), quota("writes")],
-)
-async def submit_trade(
-    body: TradeIn,
-    request: Request,
-    services: ServicesDep,
-    settings: SettingsDep,
-    client: Annotated[Client | None, Depends(WRITES_TRADES)],
-) -> Response:
-    """Accept a trade version; 202 once it is durably queued and its request is PENDING."""
-    today = business_today(settings.business_timezone)
-    correlation_id = request.scope["state"]["correlation_id"]
-    message = await accept(
-        services.intake,
-        body.to_domain(today),
-        correlation_id,
-        today,
-        utc_now(),
-        client.id if client else None,
-    )
-    if isinstance(message, Rejected):
-        raise ProblemError(400, message.code.value, message.message, field="maturity_date")
-    trade = message.trade
-    return _json(
-        202,
-        {
-            "request_id": message.request_id,
-            "status": RequestState.PENDING.value,
-            "trade_id": trade.trade_id,
-            "version": trade.version,
-        },
-        {"Location": settings.public_url(f"/api/v1/requests/{message.request_id}")},
-    )
 
 
 @router.get(

@@ -109,6 +109,26 @@ class AcceptedOut(BaseModel):
     version: int
 
 
+class ItemResult(BaseModel):
+    """One batch item's result: 202 with its request, or a 4xx with the problem."""
+
+    index: int
+    status: int
+    request_id: str | None = None
+    trade_id: str | None = None
+    version: int | None = None
+    problem: dict[str, Any] | None = None
+
+
+class BatchAcceptedOut(BaseModel):
+    """A batch's acknowledgement: every accepted item is durably queued and PENDING."""
+
+    batch_id: str
+    accepted: int
+    rejected: int
+    results: list[ItemResult]
+
+
 class RequestOut(BaseModel):
     """A request's status as the client polls it."""
 

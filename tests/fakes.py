@@ -8,9 +8,10 @@ from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
+from domain.idempotency import KeyRecord
 from domain.message import TradeMessage
 from domain.ports import StoredTrade, TradeFilter, Unavailable
-from domain.status import Outcome, RequestState, RequestStatus
+from domain.status import Batch, Outcome, RequestState, RequestStatus
 from domain.trade import Trade, maturity_passed
 
 
@@ -130,6 +131,7 @@ class FakeStatusStore:
 
     def __init__(self, ttl: timedelta = timedelta(days=7)) -> None:
         self.items: dict[str, RequestStatus] = {}
+        self.batches: dict[str, Batch] = {}
         self.ttl = ttl
         self.down = False
         self._lock = threading.Lock()
@@ -142,6 +144,10 @@ class FakeStatusStore:
         self._check()
         with self._lock:
             self.items.setdefault(status.request_id, status)
+
+    async def put_batch(self, batch: Batch) -> None:
+        self._check()
+        self.batches[batch.batch_id] = batch
 
     async def withdraw(self, request_id: str) -> None:
         self._check()
@@ -208,3 +214,27 @@ class FakeQueue:
     def ping(self) -> None:
         if self.down:
             raise Unavailable("fake queue is down")
+
+
+class FakeKeys:
+    """Same contract as ``adapters.idempotency.DynamoKeys`` (shared contract tests): a key
+    is claimed once until released or expired; a done claim holds its answer."""
+
+    def __init__(self, ttl: timedelta = timedelta(days=7)) -> None:
+        self.records: dict[str, KeyRecord] = {}
+        self.ttl = ttl
+
+    async def claim(self, record: KeyRecord) -> KeyRecord | None:
+        held = self.records.get(record.key)
+        if held is not None and held.created_at + self.ttl >= now():
+            return held
+        self.records[record.key] = record
+        return None
+
+    async def complete(self, record: KeyRecord) -> None:
+        self.records[record.key] = replace(self.records[record.key], done=True)
+
+    async def release(self, record: KeyRecord) -> None:
+        held = self.records.get(record.key)
+        if held is not None and not held.done and held.fingerprint == record.fingerprint:
+            del self.records[record.key]

@@ -23,7 +23,7 @@ from domain.status import Outcome, ReasonCode, RequestState, RequestStatus
 from domain.trade import Trade
 from ingest_api.app import create_app
 from ingest_api.problems import dependency_of
-from tests.fakes import FakeQueue, FakeStatusStore, FakeTradeStore
+from tests.fakes import FakeKeys, FakeQueue, FakeStatusStore, FakeTradeStore
 from tests.support import upsert
 
 TODAY = business_today("UTC")
@@ -42,7 +42,9 @@ def api() -> Iterator[Api]:
     trades, statuses, queue = FakeTradeStore(), FakeStatusStore(), FakeQueue()
     app = create_app(
         Settings(max_body_bytes=1024, retry_after_seconds=7),
-        services=lambda _: Services(trades, statuses, queue, PendingThenQueue(statuses, queue)),
+        services=lambda _: Services(
+            trades, statuses, queue, PendingThenQueue(statuses, queue, FakeKeys())
+        ),
     )
     threshold = gc.get_threshold()
     with TestClient(app) as client:
@@ -298,6 +300,7 @@ def test_openapi_documents_every_route(api: Api) -> None:
     paths = api.client.get("/openapi.json").json()["paths"]
     assert set(paths) == {
         "/api/v1/trades",
+        "/api/v1/trades/batch",
         "/api/v1/trades/{trade_id}",
         "/api/v1/requests/{request_id}",
         "/api/v1/health",
@@ -335,7 +338,7 @@ def hung_api(statuses: FakeStatusStore, queue: FakeQueue, **settings: int) -> Te
     app = create_app(
         Settings(profile="services", produce_timeout_ms=300, retry_after_seconds=7, **settings),  # type: ignore[arg-type]
         services=lambda _: Services(
-            FakeTradeStore(), statuses, queue, PendingThenQueue(statuses, queue)
+            FakeTradeStore(), statuses, queue, PendingThenQueue(statuses, queue, FakeKeys())
         ),
     )
     return TestClient(app)
@@ -383,7 +386,7 @@ def test_a_hung_queue_is_503_and_the_pending_record_is_withdrawn() -> None:
 
 
 def test_requests_over_the_waiting_cap_get_429_at_once() -> None:
-    with hung_api(HungStatusStore(), FakeQueue(), max_waiting_requests=1) as client:
+    with hung_api(HungStatusStore(), FakeQueue(), max_in_flight=1) as client:
         waiting = threading.Thread(
             target=client.post, args=("/api/v1/trades",), kwargs={"json": body()}
         )
@@ -395,8 +398,8 @@ def test_requests_over_the_waiting_cap_get_429_at_once() -> None:
         waiting.join()
         after = client.post("/api/v1/trades", json=body())
     assert reply.status_code == 429
-    assert reply.headers["retry-after"] == "7"
-    assert reply.json()["code"] == "TOO_MANY_REQUESTS"
+    assert reply.headers["retry-after"] == "1"  # one trade in flight, none drained yet
+    assert reply.json()["code"] == "OVERLOADED"
     assert took < 0.1
     assert after.status_code == 503  # the cap counts waiting requests, not requests ever made
 

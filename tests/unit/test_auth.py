@@ -36,7 +36,7 @@ from domain.status import RequestState, RequestStatus
 from domain.trade import Trade
 from ingest_api import auth
 from ingest_api.app import create_app
-from tests.fakes import FakeQueue, FakeStatusStore, FakeTradeStore
+from tests.fakes import FakeKeys, FakeQueue, FakeStatusStore, FakeTradeStore
 from tests.support import upsert
 
 TODAY = business_today("UTC")
@@ -96,7 +96,9 @@ def running(settings: Settings) -> Iterator[Api]:
         )
     app = create_app(
         settings,
-        services=lambda _: Services(trades, statuses, queue, PendingThenQueue(statuses, queue)),
+        services=lambda _: Services(
+            trades, statuses, queue, PendingThenQueue(statuses, queue, FakeKeys())
+        ),
     )
     threshold = gc.get_threshold()
     with TestClient(app) as http:

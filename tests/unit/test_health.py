@@ -15,17 +15,17 @@ import orjson
 import pytest
 from fastapi.testclient import TestClient
 
-from adapters.intake import Overloaded, PendingThenQueue
+from adapters.intake import PendingThenQueue
 from adapters.wiring import Services
 from config.settings import Settings
-from domain.ports import StoredTrade, TradeFilter, Unavailable
+from domain.ports import Overloaded, StoredTrade, TradeFilter, Unavailable
 from domain.trade import Trade
 from ingest_api.app import create_app
 from ingest_api.health import Probe
 from ingest_api.reads import ReadPool
 from ingest_api.routes import _trades_json
 from ingest_api.schemas import TradeOut
-from tests.fakes import FakeQueue, FakeStatusStore, FakeTradeStore
+from tests.fakes import FakeKeys, FakeQueue, FakeStatusStore, FakeTradeStore
 
 
 class CountedTradeStore(FakeTradeStore):
@@ -60,7 +60,9 @@ def client_of(trades: FakeTradeStore, **settings: float) -> Iterator[TestClient]
     statuses, queue = FakeStatusStore(), FakeQueue()
     app = create_app(
         Settings(retry_after_seconds=7, **settings),  # type: ignore[arg-type]
-        services=lambda _: Services(trades, statuses, queue, PendingThenQueue(statuses, queue)),
+        services=lambda _: Services(
+            trades, statuses, queue, PendingThenQueue(statuses, queue, FakeKeys())
+        ),
     )
     threshold = gc.get_threshold()
     with TestClient(app) as client:
@@ -163,7 +165,7 @@ def test_a_read_over_the_bound_is_429_with_retry_after(trades: CountedTradeStore
         reply = client.get("/api/v1/trades")
         assert reply.status_code == 429
         assert reply.headers["retry-after"] == "7"
-        assert reply.json()["code"] == "TOO_MANY_REQUESTS"
+        assert reply.json()["code"] == "OVERLOADED"
         assert client.get("/api/v1/health/live").status_code == 200  # not a read
         trades.gate.set()
         assert [f.result().status_code for f in held] == [200, 200]
