@@ -35,7 +35,20 @@ def _unknown() -> ProblemError:
     "/batches/{batch_id}",
     operation_id="get_batch",
     response_model=BatchOut,
-    responses={404: UNKNOWN, **AUTHENTICATED, **OVER_QUOTA, **UNAVAILABLE},
+    responses={
+        200: {
+            "links": {
+                "ListBatchItems": {
+                    "operationId": "list_batch_items",
+                    "parameters": {"batch_id": "$response.body#/batch_id"},
+                }
+            }
+        },
+        404: UNKNOWN,
+        **AUTHENTICATED,
+        **OVER_QUOTA,
+        **UNAVAILABLE,
+    },
     dependencies=[Depends(READS_REQUESTS), quota("reads")],
 )
 async def get_batch(
