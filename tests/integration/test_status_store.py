@@ -365,6 +365,20 @@ async def test_a_batch_record_is_never_a_request_and_expires(store: StatusStore)
     assert store.batch(old.batch_id) is None
 
 
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+async def test_the_sweep_deletes_expired_batch_records(store: StatusStore) -> None:
+    """SQLite's sweep does what DynamoDB's TTL does for batch records too."""
+    assert isinstance(store, SqliteStatusStore)
+    old = Batch(unique("b"), datetime.now(UTC) - timedelta(days=8), 0)
+    young, _ = await put_batch(store, [None])
+    await store.put_batch(old)
+    store.delete_expired(datetime.now(UTC))
+    with sqlite3.connect(store.path) as conn:
+        kept = {row[0] for row in conn.execute("SELECT batch_id FROM batches")}
+    assert young.batch_id in kept
+    assert old.batch_id not in kept
+
+
 async def test_the_batch_index_is_added_to_a_table_made_before_it(migrated: Settings) -> None:
     client = make_client(migrated.dynamodb_endpoint_url, migrated.aws_region)
     table = unique("before-batches")
