@@ -15,7 +15,7 @@ from typing import Protocol
 
 from domain.idempotency import KeyRecord
 from domain.message import TradeMessage
-from domain.status import Batch, Outcome, RequestStatus
+from domain.status import Batch, BatchProgress, Outcome, RequestState, RequestStatus
 from domain.trade import Trade
 
 
@@ -158,6 +158,27 @@ class StatusReader(Protocol):
 
     def get(self, request_id: str) -> RequestStatus | None:
         """The status, or None when unknown or expired."""
+        ...
+
+    def get_many(self, request_ids: Sequence[str]) -> dict[str, RequestStatus]:
+        """The statuses of up to 100 requests in one round trip; unknown or expired ones
+        are absent."""
+        ...
+
+    def batch(self, batch_id: str) -> BatchProgress | None:
+        """A batch and its requests counted by state, or None when unknown or expired."""
+        ...
+
+    def batch_record(self, batch_id: str) -> Batch | None:
+        """The batch as recorded, without counting its requests; None when unknown or
+        expired (what a page of its items is checked against)."""
+        ...
+
+    def batch_items(
+        self, batch_id: str, state: RequestState | None, after: int | None, limit: int
+    ) -> list[RequestStatus]:
+        """Up to ``limit`` of a batch's requests (in ``state``, if given) with a
+        ``batch_index`` above ``after``, by ``batch_index``."""
         ...
 
     def ping(self) -> None:

@@ -13,7 +13,7 @@ from adapters.wiring import Services, api_services
 from config.logs import configure_logging
 from config.runtime import tune_gc, tune_switching
 from config.settings import Settings, get_settings
-from ingest_api import auth, docs, openapi, problems, quotas, submissions
+from ingest_api import auth, batches, docs, openapi, problems, quotas, submissions
 from ingest_api.health import Health
 from ingest_api.middleware import BodyLimitMiddleware, CorrelationMiddleware
 from ingest_api.problems import UnexpectedErrorMiddleware
@@ -84,6 +84,7 @@ def create_app(
     add_cors(app, settings.cors_origins)
     app.include_router(router)
     app.include_router(submissions.router)
+    app.include_router(batches.router)
     docs.install(app)
     openapi.install(app)
     return app

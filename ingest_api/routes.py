@@ -6,14 +6,16 @@ import asyncio
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from datetime import date
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.responses import Response
 
 from config.clock import business_today
+from config.settings import Settings
 from domain.message import normalise_id, valid_id, valid_version
 from domain.ports import StoredTrade, TradeFilter, TradeReader, Unavailable
 from domain.use_cases import trade_page
@@ -30,15 +32,18 @@ from ingest_api.deps import HealthDep, ReadsDep, ServicesDep, SettingsDep
 from ingest_api.openapi import HEADERS, UNAVAILABLE, problem
 from ingest_api.problems import ProblemError
 from ingest_api.quotas import OVER_QUOTA, quota
+from ingest_api.reads import ReadPool
 from ingest_api.schemas import (
     ID_SCHEMA,
     HealthOut,
     Identifier,
     RequestOut,
+    RequestsOut,
     TradeOut,
 )
 
 router = APIRouter(prefix="/api/v1")
+T = TypeVar("T")
 # One callable per scope: listed first in a route's dependencies, so the caller is known
 # before its quota is charged, and, asked again as a parameter, run once (FastAPI caches it).
 READS_TRADES = require(TRADES_READ)
@@ -96,6 +101,53 @@ async def get_request(
     if status is None or not sees(client, status):  # another client's: as if unknown
         raise ProblemError(404, "NOT_FOUND", "No such request", field="request_id")
     return _json(200, RequestOut.of(status).model_dump(mode="json"))
+
+
+# GET /api/v1/requests?ids=: as many as the status store reads in one round trip, none empty.
+MAX_IDS = 100
+IDS_PATTERN = rf"^[^,]+(?:,[^,]+){{0,{MAX_IDS - 1}}}$"
+
+
+async def read_statuses(
+    reads: ReadPool, settings: Settings, read: Callable[..., T], *args: Any
+) -> T:
+    """A status store read on the read threads, bounded like a submission: a hung status
+    store is a 503 in time."""
+    timeout_s = settings.produce_timeout_ms / 1000
+    try:
+        return await asyncio.wait_for(reads.run(read, *args), timeout_s)
+    except TimeoutError:
+        raise Unavailable(f"status store did not answer within {timeout_s:g} s") from None
+
+
+@router.get(
+    "/requests",
+    operation_id="get_requests",
+    response_model=RequestsOut,
+    responses={**AUTHENTICATED, **OVER_QUOTA, **UNAVAILABLE},
+    dependencies=[Depends(READS_REQUESTS), quota("reads")],
+)
+async def get_requests(
+    services: ServicesDep,
+    settings: SettingsDep,
+    client: Annotated[Client | None, Depends(READS_REQUESTS)],
+    reads: ReadsDep,
+    ids: Annotated[
+        str, Query(description=f"1 to {MAX_IDS} request ids, comma-separated", pattern=IDS_PATTERN)
+    ],
+) -> Response:
+    """Many submissions' statuses in one call (one status store round trip), in the order
+    asked, each once; `missing` lists the unknown, expired and other clients' ones (and any
+    outside the id grammar, as it reads them)."""
+    asked = list(dict.fromkeys(normalise_id(rid) for rid in ids.split(",")))
+    wanted = [rid for rid in asked if valid_id(rid)]
+    found = await read_statuses(reads, settings, services.statuses.get_many, wanted)
+    shown = {rid: s for rid, s in found.items() if sees(client, s)}
+    body = RequestsOut(
+        requests=[RequestOut.of(shown[rid]) for rid in asked if rid in shown],
+        missing=[rid for rid in asked if rid not in shown],
+    )
+    return _json(200, body.model_dump(mode="json"))
 
 
 def encode_cursor(trade_id: str, version: int) -> str:

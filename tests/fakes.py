@@ -11,7 +11,7 @@ from datetime import UTC, date, datetime, timedelta
 from domain.idempotency import KeyRecord
 from domain.message import TradeMessage
 from domain.ports import StoredTrade, TradeFilter, Unavailable
-from domain.status import Batch, Outcome, RequestState, RequestStatus
+from domain.status import Batch, BatchProgress, Outcome, RequestState, RequestStatus
 from domain.trade import Trade, maturity_passed
 
 
@@ -145,10 +145,6 @@ class FakeStatusStore:
         with self._lock:
             self.items.setdefault(status.request_id, status)
 
-    async def put_batch(self, batch: Batch) -> None:
-        self._check()
-        self.batches[batch.batch_id] = batch
-
     async def withdraw(self, request_id: str) -> None:
         self._check()
         with self._lock:
@@ -171,12 +167,59 @@ class FakeStatusStore:
                 if old is not None and old.state is RequestState.PENDING:
                     self.items[o.request_id] = _terminal(o, old)
 
+    async def put_batch(self, batch: Batch) -> None:
+        self._check()
+        with self._lock:
+            self.batches[batch.batch_id] = batch  # a stream's record grows with each chunk
+
     def get(self, request_id: str) -> RequestStatus | None:
         self._check()
         status = self.items.get(request_id)
         if status is None or status.updated_at + self.ttl < now():
             return None
         return status
+
+    def get_many(self, request_ids: Sequence[str]) -> dict[str, RequestStatus]:
+        found = {rid: self.get(rid) for rid in request_ids}
+        return {rid: status for rid, status in found.items() if status is not None}
+
+    def batch_record(self, batch_id: str) -> Batch | None:
+        self._check()
+        batch = self.batches.get(batch_id)
+        if batch is None or batch.created_at + self.ttl < now():
+            return None
+        return batch
+
+    def _of(self, batch_id: str) -> list[RequestStatus]:
+        """The batch's live requests, by batch_index."""
+        with self._lock:
+            mine = [s for s in self.items.values() if s.batch_id == batch_id]
+        live = [s for s in mine if s.updated_at + self.ttl >= now()]
+        return sorted(live, key=lambda s: s.batch_index or 0)
+
+    def batch(self, batch_id: str) -> BatchProgress | None:
+        batch = self.batch_record(batch_id)
+        if batch is None:
+            return None
+        states = [s.state for s in self._of(batch_id)]
+        return BatchProgress(
+            batch,
+            states.count(RequestState.PENDING),
+            states.count(RequestState.SUCCESS),
+            states.count(RequestState.FAILED),
+        )
+
+    def batch_items(
+        self, batch_id: str, state: RequestState | None, after: int | None, limit: int
+    ) -> list[RequestStatus]:
+        self._check()
+        start = -1 if after is None else after
+        wanted = [
+            s
+            for s in self._of(batch_id)
+            if (s.batch_index or 0) > start and (state is None or s.state is state)
+        ]
+        return wanted[:limit]
 
     def ping(self) -> None:
         self._check()
@@ -196,6 +239,8 @@ def _terminal(o: Outcome, old: RequestStatus | None) -> RequestStatus:
         version=old.version,
         created_at=old.created_at,
         client_id=old.client_id,
+        batch_id=old.batch_id,
+        batch_index=old.batch_index,
     )
 
 
