@@ -177,7 +177,7 @@ def _parse(item: object, today: Any) -> Trade | dict[str, Any]:
 
 def _result(index: int, outcome: TradeMessage | Rejected | dict[str, Any]) -> dict[str, Any]:
     if isinstance(outcome, TradeMessage):
-        return {"index": index, "status": 202, **_accepted(outcome)}
+        return {"index": index, **_accepted(outcome), "status": 202}
     if isinstance(outcome, Rejected):
         document = problem_body(400, outcome.code.value, outcome.message, field="maturity_date")
         return {"index": index, "status": 400, "problem": document}
@@ -329,34 +329,45 @@ class NdjsonStream(Response):
         self._arrival = arrival
         self._request = request
         self.batch_id = str(uuid.uuid4())
+        self._admitted = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         location = self._settings.public_url(f"/api/v1/batches/{self.batch_id}")
         self.headers["Location"] = location
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        accepted = rejected = 0
+        # No Content-Length: the answer is as long as the stream (chunked).
+        headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        counts = {"accepted": 0, "rejected": 0}
         summary: dict[str, Any] = {"batch_id": self.batch_id}
+        # Two chunks at a time: the next one is parsed while the last one is committed.
+        in_flight: list[asyncio.Task[list[dict[str, Any]]]] = []
         try:
-            async for lines in _chunks(receive, self._settings.max_body_bytes):
-                results = await self._take_in(lines, accepted)
-                ok = sum(1 for r in results if r["status"] == 202)
-                accepted, rejected = accepted + ok, rejected + len(results) - ok
-                body = _lines(results)
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-        except (Unavailable, Overloaded, RateLimited) as exc:
+            lines_of = _chunks(
+                receive, self._settings.max_body_bytes, self._settings.body_timeout_s
+            )
+            async for lines in lines_of:
+                in_flight.append(asyncio.ensure_future(self._take_in(lines)))
+                if len(in_flight) > 1:
+                    await _answer(send, await in_flight.pop(0), counts)
+            while in_flight:
+                await _answer(send, await in_flight.pop(0), counts)
+        except (Unavailable, Overloaded, RateLimited, TimeoutError) as exc:
             summary["error"] = _stream_error(exc)
-        summary |= {"accepted": accepted, "rejected": rejected}
+        finally:
+            for task in in_flight:
+                task.cancel()
+        summary |= counts
         await send({"type": "http.response.body", "body": orjson.dumps(summary) + b"\n"})
 
-    async def _take_in(
-        self, lines: list[tuple[int, bytes | None]], accepted: int
-    ) -> list[dict[str, Any]]:
+    async def _take_in(self, lines: list[tuple[int, bytes | None]]) -> list[dict[str, Any]]:
         """One chunk: parsed, admitted, durable (waiting for room while the worker is
-        overloaded or the client over quota, up to ``STREAM_PATIENCE_S``); its results."""
+        overloaded or the client over quota, up to ``STREAM_PATIENCE_S``); its results.
+        The batch record counts the chunks admitted so far."""
         arrival = self._arrival
         parsed = {n: _parse_line(raw, arrival) for n, raw in lines}
         admitted = admit(((n, t) for n, t in parsed.items() if isinstance(t, Trade)), arrival)
-        batch = _batch(arrival, admitted, self.batch_id, accepted)
+        batch = _batch(arrival, admitted, self.batch_id, self._admitted)
+        self._admitted = batch.accepted
         waited = 0.0
         while True:
             try:
@@ -371,6 +382,14 @@ class NdjsonStream(Response):
                 await asyncio.sleep(pause)
         outcomes: dict[int, Any] = parsed | dict(admitted)
         return [_result(n, outcomes[n]) for n, _ in lines]
+
+
+async def _answer(send: Send, results: list[dict[str, Any]], counts: dict[str, int]) -> None:
+    """Write a chunk's result lines and count them."""
+    ok = sum(1 for r in results if r["status"] == 202)
+    counts["accepted"] += ok
+    counts["rejected"] += len(results) - ok
+    await send({"type": "http.response.body", "body": _lines(results), "more_body": True})
 
 
 def _pause_s(exc: Overloaded | RateLimited) -> float:
@@ -398,19 +417,27 @@ def _stream_error(exc: Exception) -> dict[str, Any]:
     """Why a stream ended early: the problem its unread lines would have got."""
     if isinstance(exc, Unavailable):
         return problem_body(503, "SERVICE_UNAVAILABLE", "A dependency is unavailable; retry later")
+    if isinstance(exc, TimeoutError):
+        return problem_body(
+            408, "REQUEST_TIMEOUT", "No more of the stream came within BODY_TIMEOUT_S"
+        )
     return problem_body(429, "OVERLOADED", "Too much is waiting already; retry later")
 
 
-async def _chunks(receive: Receive, max_line: int) -> AsyncIterator[list[tuple[int, bytes | None]]]:
+async def _chunks(
+    receive: Receive, max_line: int, idle_s: float
+) -> AsyncIterator[list[tuple[int, bytes | None]]]:
     """The body's lines as they arrive, numbered from 0, in chunks of at most
     ``STREAM_CHUNK_LINES``: what one read brought. Blank lines are numbered but not
-    yielded; a line over ``max_line`` bytes is None (never held whole)."""
+    yielded; a line over ``max_line`` bytes is None (never held whole). A wait of more
+    than ``idle_s`` for the next part raises TimeoutError (the server's total body
+    timeout does not apply to a stream)."""
     partial = b""
     overlong = False
     number = 0
     more = True
     while more:
-        message = await receive()
+        message = await asyncio.wait_for(receive(), idle_s)
         if message["type"] == "http.disconnect":
             return
         more = message.get("more_body", False)
