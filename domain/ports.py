@@ -42,6 +42,18 @@ class StoredTrade:
 
 
 @dataclass(frozen=True, slots=True)
+class EncodedPage:
+    """A page of the trade listing as the store encoded it: ``body``, the JSON array of its
+    rows as the API serves them; ``last``, the key (trade_id, version) of its last row when
+    the page is full (as many rows as asked for), else None; and ``more``, whether rows
+    follow it."""
+
+    body: bytes
+    last: tuple[str, int] | None
+    more: bool
+
+
+@dataclass(frozen=True, slots=True)
 class TradeFilter:
     """Optional filters of the trade listing."""
 
@@ -69,6 +81,13 @@ class TradeReader(Protocol):
         self, after: tuple[str, int] | None, limit: int, where: TradeFilter, as_of: date
     ) -> list[StoredTrade]:
         """Up to ``limit`` rows after the keyset cursor, ordered by (trade_id bytes, version)."""
+        ...
+
+    def encoded_page(
+        self, after: tuple[str, int] | None, limit: int, where: TradeFilter, as_of: date
+    ) -> EncodedPage:
+        """``page``'s rows as the API's JSON, encoded by the store itself: a flood of reads
+        then costs the API's interpreter nothing per row."""
         ...
 
     def ping(self) -> None:

@@ -17,7 +17,6 @@ from domain.ports import (
     DecisionLog,
     DecisionStore,
     Intake,
-    StoredTrade,
     Submission,
     TradeFilter,
     TradeReader,
@@ -173,11 +172,8 @@ def trade_page(
     limit: int,
     where: TradeFilter,
     as_of: date,
-) -> tuple[list[StoredTrade], tuple[str, int] | None]:
-    """Up to ``limit`` rows after the keyset cursor, and the cursor of the next page if
-    there is one (one row more is read to know)."""
-    rows = reader.page(after, limit + 1, where, as_of)
-    if len(rows) <= limit:
-        return rows, None
-    last = rows[limit - 1].trade
-    return rows[:limit], (last.trade_id, last.version)
+) -> tuple[bytes, tuple[str, int] | None]:
+    """Up to ``limit`` rows after the keyset cursor, as JSON, and the cursor of the next page
+    if there is one: the key of this page's last row."""
+    page = reader.encoded_page(after, limit, where, as_of)
+    return page.body, page.last if page.more else None

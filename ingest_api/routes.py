@@ -211,9 +211,10 @@ async def list_trades(
 
 
 def _trades_json(rows: list[StoredTrade]) -> bytes:
-    """``TradeOut``'s JSON of each row, built by orjson straight from the rows: 3 ms for a
-    page of 1,000 where pydantic's models took 21 ms of the interpreter, which the event
-    loop acknowledging POSTs shares (tests/unit/test_health.py holds the two equal)."""
+    """``TradeOut``'s JSON of each row, built by orjson straight from the rows (pydantic's
+    models took 7× longer; tests/unit/test_health.py holds the two equal). One trade's
+    versions are encoded here; a page of the listing is encoded by the store itself, to the
+    same bytes (tests/integration/test_encoded_page.py)."""
     return orjson.dumps([_trade_fields(r) for r in rows], option=orjson.OPT_UTC_Z)
 
 
@@ -239,9 +240,8 @@ def _page(
     where: TradeFilter,
     as_of: date,
 ) -> tuple[bytes, tuple[str, int] | None]:
-    """On a read thread: a page of trades, encoded, and the next page's cursor."""
-    rows, following = trade_page(trades, after, limit, where, as_of)
-    return _trades_json(rows), following
+    """On a read thread: a page of trades, encoded by the store, and the next page's cursor."""
+    return trade_page(trades, after, limit, where, as_of)
 
 
 def _versions(trades: TradeReader, trade_id: str, as_of: date) -> bytes | None:

@@ -10,9 +10,10 @@ from datetime import UTC, date, datetime, timedelta
 
 from domain.idempotency import KeyRecord
 from domain.message import TradeMessage
-from domain.ports import StoredTrade, TradeFilter, Unavailable
+from domain.ports import EncodedPage, StoredTrade, TradeFilter, Unavailable
 from domain.status import Batch, BatchProgress, Outcome, RequestState, RequestStatus
 from domain.trade import Trade, maturity_passed
+from ingest_api.routes import _trades_json
 
 
 def now() -> datetime:
@@ -82,6 +83,15 @@ class FakeTradeStore:
                 continue
             out.append(row)
         return out[:limit]
+
+    def encoded_page(
+        self, after: tuple[str, int] | None, limit: int, where: TradeFilter, as_of: date
+    ) -> EncodedPage:
+        """``page`` encoded by the API's own encoder, which the SQL store's JSON matches."""
+        rows = self.page(after, limit + 1, where, as_of)
+        last = rows[:limit][-1].trade if rows else None
+        key = (last.trade_id, last.version) if last else None
+        return EncodedPage(_trades_json(rows[:limit]), key, len(rows) > limit)
 
     def expire(self, as_of: date) -> int:
         self._check()

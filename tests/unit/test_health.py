@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from domain.ports import Overloaded, StoredTrade, TradeFilter, Unavailable
 from domain.trade import Trade
 from ingest_api.app import create_app
 from ingest_api.health import Probe
-from ingest_api.reads import ReadPool
+from ingest_api.reads import READ_NICENESS, ReadPool
 from ingest_api.routes import _trades_json
 from ingest_api.schemas import TradeOut
 from tests.fakes import FakeKeys, FakeQueue, FakeStatusStore, FakeTradeStore
@@ -151,6 +152,15 @@ async def test_reads_over_the_pool_bound_are_overloaded_at_once() -> None:
     gate.set()
     assert await asyncio.gather(*running) == [True, True]
     assert await pool.run(sum, [1, 2]) == 3
+    pool.close()
+
+
+async def test_reads_run_at_a_lower_scheduling_priority_than_the_event_loop() -> None:
+    pool = ReadPool(threads=1, max_waiting=0)
+    ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    theirs = await pool.run(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    assert theirs == min(ours + READ_NICENESS, 19)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == ours
     pool.close()
 
 
