@@ -47,6 +47,13 @@ KEYED: dict[int | str, dict[str, Any]] = {
     ),
 }
 REPLAYED = "Idempotent-Replayed"
+KEY_PARAMETER = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "Send a retry with the same key and body: the first answer comes again",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
+}
 
 
 def _arrival(request: Request, settings: Settings, client: Client | None) -> Arrival:
@@ -147,6 +154,7 @@ def _accepted(message: TradeMessage) -> dict[str, Any]:
         **UNAVAILABLE,
     },
     dependencies=[Depends(WRITES_TRADES), quota("writes")],
+    openapi_extra={"parameters": [KEY_PARAMETER]},
 )
 async def submit_trade(
     body: TradeIn,
@@ -237,6 +245,7 @@ def _envelope(raw: bytes, most: int) -> list[Any]:
     },
     dependencies=[Depends(WRITES_TRADES)],
     openapi_extra={
+        "parameters": [KEY_PARAMETER],
         "requestBody": {
             "required": True,
             "content": {
@@ -257,7 +266,7 @@ def _envelope(raw: bytes, most: int) -> list[Any]:
                 },
                 NDJSON: {"schema": {"type": "string", "description": "One trade (JSON) per line"}},
             },
-        }
+        },
     },
 )
 async def submit_batch(
