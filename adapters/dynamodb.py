@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
+from itertools import islice
 from typing import Any
 
 import boto3
@@ -27,7 +29,7 @@ from adapters.dynamodb_wire import (
 )
 from config.clock import utc_now
 from domain.ports import Unavailable
-from domain.status import Outcome, ReasonCode, RequestState, RequestStatus
+from domain.status import Batch, BatchProgress, Outcome, ReasonCode, RequestState, RequestStatus
 
 log = structlog.get_logger("adapters")
 
@@ -35,6 +37,28 @@ CONDITION_FAILED = "ConditionalCheckFailedException"
 # The health probe's key: no request has it (request ids are UUIDs), so deleting it writes
 # nothing, yet DynamoDB authorises, meters and applies it as a write.
 HEALTH_KEY = "health-probe"
+# A batch record's key: ``batch/<batch_id>`` in the statuses' table. A request id never
+# holds a "/", so no request can be read as a batch record, or the other way round.
+BATCH_KEY = "batch/"
+# The sparse index of the requests that came in a batch: (batch_id, batch_index), every
+# attribute projected; a single POST's record has neither key and is not in it.
+BATCH_INDEX = "batch_items"
+BATCH_INDEX_SPEC = {
+    "IndexName": BATCH_INDEX,
+    "KeySchema": [
+        {"AttributeName": "batch_id", "KeyType": "HASH"},
+        {"AttributeName": "batch_index", "KeyType": "RANGE"},
+    ],
+    "Projection": {"ProjectionType": "ALL"},
+}
+ATTRIBUTES = [
+    {"AttributeName": "request_id", "AttributeType": "S"},
+    {"AttributeName": "batch_id", "AttributeType": "S"},
+    {"AttributeName": "batch_index", "AttributeType": "N"},
+]
+# Items read per Query page when a state filter drops some (DynamoDB's Limit counts the
+# items read, before the filter).
+FILTERED_PAGE = 1000
 
 
 def make_client(endpoint_url: str | None, region: str, pool: int = 32) -> Any:
@@ -72,7 +96,29 @@ def status_item(status: RequestStatus, expires_at: int) -> dict[str, Any]:
         item["failure_reason"] = {"S": status.failure_reason}
     if status.client_id is not None:
         item["client_id"] = {"S": status.client_id}
+    if status.batch_id is not None:
+        item["batch_id"] = {"S": status.batch_id}
+    if status.batch_index is not None:
+        item["batch_index"] = {"N": str(status.batch_index)}
     return item
+
+
+def batch_item(batch: Batch, expires_at: int) -> dict[str, Any]:
+    """A batch record as the table holds it: under ``BATCH_KEY``, without the index's keys."""
+    item: dict[str, Any] = {
+        "request_id": {"S": BATCH_KEY + batch.batch_id},
+        "created_at": {"S": batch.created_at.isoformat()},
+        "accepted": {"N": str(batch.accepted)},
+        "expires_at": {"N": str(expires_at)},
+    }
+    if batch.client_id is not None:
+        item["client_id"] = {"S": batch.client_id}
+    return item
+
+
+def _live(item: dict[str, Any] | None) -> bool:
+    """DynamoDB deletes expired items lazily (and emulators never): hide them on read."""
+    return item is not None and int(item["expires_at"]["N"]) >= utc_now().timestamp()
 
 
 def _status(item: dict[str, Any]) -> RequestStatus:
@@ -86,6 +132,8 @@ def _status(item: dict[str, Any]) -> RequestStatus:
         reason_code=ReasonCode(item["reason_code"]["S"]) if "reason_code" in item else None,
         failure_reason=item.get("failure_reason", {}).get("S"),
         client_id=item.get("client_id", {}).get("S"),
+        batch_id=item.get("batch_id", {}).get("S"),
+        batch_index=int(item["batch_index"]["N"]) if "batch_index" in item else None,
     )
 
 
@@ -189,8 +237,10 @@ class DynamoStatusStore:
             old = stored.get(rid, {})
             if old and old["status"]["S"] != RequestState.PENDING.value:
                 continue  # terminal is final
-            if "client_id" in old:  # a put replaces the item: keep who submitted it
-                item["client_id"] = old["client_id"]
+            # A put replaces the item: keep who submitted it, and in which batch.
+            for kept in ("client_id", "batch_id", "batch_index"):
+                if kept in old:
+                    item[kept] = old[kept]
             puts.append(item)
         chunks = [puts[i : i + WRITE_BATCH] for i in range(0, len(puts), WRITE_BATCH)]
         # list() re-raises the first failure after every chunk has been attempted.
@@ -225,18 +275,101 @@ class DynamoStatusStore:
                 if exc.response.get("Error", {}).get("Code") != CONDITION_FAILED:
                     raise
 
-    def get(self, request_id: str) -> RequestStatus | None:
-        reply = self._call(
-            "get_item",
+    async def put_batch(self, batch: Batch) -> None:
+        await asyncio.to_thread(
+            self._call,
+            "put_item",
             TableName=self._table,
-            Key={"request_id": {"S": request_id}},
-            ConsistentRead=True,
+            Item=batch_item(batch, self._expires_at(batch.created_at)),
         )
-        item = reply.get("Item")
-        # DynamoDB deletes expired items lazily (and emulators never): hide them on read.
-        if not item or int(item["expires_at"]["N"]) < utc_now().timestamp():
+
+    def _item(self, key: str) -> dict[str, Any] | None:
+        reply = self._call(
+            "get_item", TableName=self._table, Key={"request_id": {"S": key}}, ConsistentRead=True
+        )
+        item: dict[str, Any] | None = reply.get("Item")
+        return item if _live(item) else None
+
+    def get(self, request_id: str) -> RequestStatus | None:
+        if "/" in request_id:  # never a request's: a batch record's key
             return None
-        return _status(item)
+        item = self._item(request_id)
+        return _status(item) if item else None
+
+    def get_many(self, request_ids: Sequence[str]) -> dict[str, RequestStatus]:
+        wanted = list(dict.fromkeys(rid for rid in request_ids if "/" not in rid))
+        if len(wanted) > GET_BATCH:
+            raise ValueError(f"at most {GET_BATCH} request ids at once")
+        found = self._writer.items(wanted) if wanted else {}
+        return {rid: _status(item) for rid, item in found.items() if _live(item)}
+
+    def batch_record(self, batch_id: str) -> Batch | None:
+        item = self._item(BATCH_KEY + batch_id)
+        if item is None:
+            return None
+        return Batch(
+            batch_id=batch_id,
+            created_at=datetime.fromisoformat(item["created_at"]["S"]),
+            accepted=int(item["accepted"]["N"]),
+            client_id=item.get("client_id", {}).get("S"),
+        )
+
+    def _query(
+        self,
+        batch_id: str,
+        after: int,
+        state: RequestState | None,
+        limit: int | None,
+        projection: str | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """The batch's live requests above ``after`` by batch_index, from the index (which
+        is eventually consistent: a write may show a moment later), page by page."""
+        values: dict[str, Any] = {
+            ":b": {"S": batch_id},
+            ":after": {"N": str(after)},
+            ":now": {"N": str(int(utc_now().timestamp()))},
+        }
+        where = "expires_at >= :now"
+        if state is not None:
+            values[":state"] = {"S": state.value}
+            where += " AND #s = :state"
+        query: dict[str, Any] = {
+            "TableName": self._table,
+            "IndexName": BATCH_INDEX,
+            "KeyConditionExpression": "batch_id = :b AND batch_index > :after",
+            "FilterExpression": where,
+            "ExpressionAttributeValues": values,
+        }
+        if projection is not None:
+            query["ProjectionExpression"] = projection
+        if "#s" in where or projection:  # DynamoDB refuses a name no expression uses
+            query["ExpressionAttributeNames"] = {"#s": "status"}
+        if limit is not None:
+            query["Limit"] = limit if state is None else max(limit, FILTERED_PAGE)
+        while True:
+            reply = self._call("query", **query)
+            yield from reply.get("Items", [])
+            if "LastEvaluatedKey" not in reply:
+                return
+            query["ExclusiveStartKey"] = reply["LastEvaluatedKey"]
+
+    def batch(self, batch_id: str) -> BatchProgress | None:
+        header = self.batch_record(batch_id)
+        if header is None:
+            return None
+        counts = Counter(i["status"]["S"] for i in self._query(batch_id, -1, None, None, "#s"))
+        return BatchProgress(
+            batch=header,
+            pending=counts[RequestState.PENDING.value],
+            success=counts[RequestState.SUCCESS.value],
+            failed=counts[RequestState.FAILED.value],
+        )
+
+    def batch_items(
+        self, batch_id: str, state: RequestState | None, after: int | None, limit: int
+    ) -> list[RequestStatus]:
+        items = self._query(batch_id, -1 if after is None else after, state, limit)
+        return [_status(item) for item in islice(items, limit)]
 
     def ping(self) -> None:
         """Raise Unavailable unless the table takes a write: an unconditional DeleteItem of
@@ -253,25 +386,43 @@ class DynamoStatusStore:
         self._pool.shutdown(wait=True)
 
     def ensure_table(self, timeout_s: float = 30.0) -> None:
-        """Create the table (on-demand billing, TTL on ``expires_at``) if it does not exist."""
+        """Create the table (on-demand billing, TTL on ``expires_at``, the ``batch_items``
+        index) if it does not exist; add the index to a table made before it."""
         try:
             self._client.create_table(
                 TableName=self._table,
-                AttributeDefinitions=[{"AttributeName": "request_id", "AttributeType": "S"}],
+                AttributeDefinitions=ATTRIBUTES,
                 KeySchema=[{"AttributeName": "request_id", "KeyType": "HASH"}],
+                GlobalSecondaryIndexes=[BATCH_INDEX_SPEC],
                 BillingMode="PAY_PER_REQUEST",
             )
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "ResourceInUseException":
                 raise
+        table = self._wait_active(timeout_s)
+        if not any(i["IndexName"] == BATCH_INDEX for i in table.get("GlobalSecondaryIndexes", [])):
+            self._client.update_table(
+                TableName=self._table,
+                AttributeDefinitions=ATTRIBUTES[1:],
+                GlobalSecondaryIndexUpdates=[{"Create": BATCH_INDEX_SPEC}],
+            )
+            self._wait_active(timeout_s)
+        self._enable_ttl()
+
+    def _wait_active(self, timeout_s: float) -> dict[str, Any]:
+        """The table's description once it and its indexes are ACTIVE (an index added to a
+        table with items is backfilled first: queries on it fail until then)."""
         deadline = time.monotonic() + timeout_s
-        while self._client.describe_table(TableName=self._table)["Table"]["TableStatus"] != (
-            "ACTIVE"
-        ):
+        while True:
+            table: dict[str, Any] = self._client.describe_table(TableName=self._table)["Table"]
+            indexes = table.get("GlobalSecondaryIndexes", [])
+            if table["TableStatus"] == "ACTIVE" and all(
+                i.get("IndexStatus") == "ACTIVE" for i in indexes
+            ):
+                return table
             if time.monotonic() > deadline:
                 raise Unavailable(f"table {self._table} did not become ACTIVE")
             time.sleep(0.2)
-        self._enable_ttl()
 
     def _enable_ttl(self) -> None:
         """Turn TTL on for ``expires_at``; an endpoint without the TTL API is a warning, since

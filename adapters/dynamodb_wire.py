@@ -1,6 +1,7 @@
 """The status store's batch calls on DynamoDB's JSON API, built, signed and parsed once.
 
-BatchWriteItem and BatchGetItem, each with its retry schedule for what DynamoDB leaves
+BatchWriteItem and BatchGetItem (the processor's check before it writes outcomes, and
+the API's bulk status read), each with its retry schedule for what DynamoDB leaves
 unprocessed, written once as a generator of calls (no I/O), and run by a blocking transport
 (``BatchWriter``, the processor's threads) or an asyncio one (``AsyncBatchWriter``, the
 API's event loop). Everything else the status store calls goes through boto3.
@@ -53,6 +54,8 @@ TRANSIENT = {
 
 WRITE_BATCH = 25  # BatchWriteItem's limit
 GET_BATCH = 100  # BatchGetItem's limit
+# What an outcome's put must carry over from the PENDING record it replaces.
+STORED = "request_id, #s, client_id, batch_id, batch_index"
 
 # The delay before each round of a batch call: the first at once, then whatever DynamoDB
 # left unprocessed again, backing off to 1 s; ten rounds in all. A throttled call is
@@ -127,21 +130,21 @@ def write_rounds(table: str, requests: list[dict[str, Any]]) -> Rounds[None]:
         raise Unavailable(f"status store: {len(requests)} items left unprocessed")
 
 
-def stored_rounds(table: str, request_ids: list[str]) -> Rounds[dict[str, dict[str, Any]]]:
-    """The stored ``status`` and ``client_id`` of those of up to 100 request ids that have a
-    record (consistent BatchGetItem), by request id, again with whatever keys are left
-    unprocessed, on the ``ROUNDS_S`` schedule."""
+def stored_rounds(
+    table: str, request_ids: list[str], projection: str | None = STORED
+) -> Rounds[dict[str, dict[str, Any]]]:
+    """Those of up to 100 request ids that have a record (consistent BatchGetItem), by
+    request id: the ``projection``'s attributes (every one when None), again with whatever
+    keys are left unprocessed, on the ``ROUNDS_S`` schedule."""
     keys = [{"request_id": {"S": rid}} for rid in request_ids]
     found: dict[str, dict[str, Any]] = {}
     for delay in ROUNDS_S:
         if not keys:
             return found
-        wanted = {
-            "Keys": keys,
-            "ConsistentRead": True,
-            "ProjectionExpression": "request_id, #s, client_id",
-            "ExpressionAttributeNames": {"#s": "status"},
-        }
+        wanted: dict[str, Any] = {"Keys": keys, "ConsistentRead": True}
+        if projection is not None:
+            wanted["ProjectionExpression"] = projection
+            wanted["ExpressionAttributeNames"] = {"#s": "status"}
         body = orjson.dumps({"RequestItems": {table: wanted}})
         reply = parse((yield delay, "BatchGetItem", body), "BatchGetItem")
         for item in reply.get("Responses", {}).get(table, []):
@@ -184,8 +187,12 @@ class BatchWriter:
             return cast(T, done.value)
 
     def stored(self, request_ids: list[str]) -> dict[str, dict[str, Any]]:
-        """The stored status and client id of up to 100 request ids, where there is one."""
+        """What an outcome keeps (``STORED``) of up to 100 request ids, where there is one."""
         return self._run(stored_rounds(self._table, request_ids))
+
+    def items(self, request_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The whole stored items of up to 100 request ids, where there is one."""
+        return self._run(stored_rounds(self._table, request_ids, None))
 
     def put_all(self, items: list[dict[str, Any]]) -> None:
         """Put up to 25 items."""

@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
-from functools import partial
+from functools import cache, partial
 from typing import Any, TypeVar
 
 import psycopg
@@ -19,12 +19,22 @@ from psycopg.types.array import ListBinaryDumper
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Date,
     Engine,
+    Integer,
     Row,
+    Select,
+    String,
+    Text,
     and_,
+    bindparam,
+    case,
+    cast,
     create_engine,
     delete,
     event,
+    func,
+    literal,
     make_url,
     or_,
     select,
@@ -32,11 +42,12 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from adapters.sqlite_file import DELETE_CHUNK, PRAGMAS, READ_PRAGMAS
 from adapters.tables import request_outcomes, trades
-from domain.ports import DecisionLog, StoredTrade, TradeFilter, Unavailable
+from domain.ports import DecisionLog, EncodedPage, StoredTrade, TradeFilter, Unavailable
 from domain.status import Outcome, ReasonCode, RequestState
 from domain.trade import Trade
 
@@ -152,7 +163,7 @@ def as_utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def expired_expr(as_of: date) -> ColumnElement[bool]:
+def expired_expr(as_of: date | ColumnElement[date]) -> ColumnElement[bool]:
     """Expired as reads must show it: flagged by the sweep, or matured since."""
     return or_(trades.c.expired, trades.c.maturity_date < as_of)
 
@@ -170,6 +181,137 @@ def _stored(row: Row[Any]) -> StoredTrade:
         expired=bool(row.is_expired),
         created_at=as_utc(row.created_at),
         updated_at=as_utc(row.updated_at),
+    )
+
+
+def _document(dialect: str) -> ColumnElement[str]:
+    """A row's JSON exactly as the API's own encoder writes it (``ingest_api.routes``'
+    ``_trades_json``: compact, fields in TradeOut's order, times in UTC with ``Z`` and
+    microseconds unless zero), as one SQL text expression of ``dialect``."""
+    postgres = dialect == "postgresql"
+
+    def string(value: Any) -> ColumnElement[str]:
+        return cast(func.to_json(value), Text) if postgres else func.json_quote(value)
+
+    def day(column: Any) -> ColumnElement[str]:
+        return string(func.to_char(column, "YYYY-MM-DD") if postgres else column)
+
+    def moment(column: Any) -> ColumnElement[str]:
+        # SQLite holds the naive UTC text SQLAlchemy writes, "YYYY-MM-DD HH:MM:SS.ffffff".
+        if postgres:
+            iso = func.to_char(func.timezone("UTC", column), 'YYYY-MM-DD"T"HH24:MI:SS.US')
+        else:
+            iso = func.replace(column, " ", "T")
+        return string(func.replace(iso, ".000000", "").concat("Z"))
+
+    fields: list[tuple[str, ColumnElement[Any]]] = [
+        ("trade_id", string(trades.c.trade_id)),
+        ("version", cast(trades.c.version, Text)),
+        ("counterparty_id", string(trades.c.counterparty_id)),
+        ("book_id", string(trades.c.book_id)),
+        ("maturity_date", day(trades.c.maturity_date)),
+        ("created_date", day(trades.c.created_date)),
+        ("expired", case((expired_expr(AS_OF), "true"), else_="false")),
+        ("created_at", moment(trades.c.created_at)),
+        ("updated_at", moment(trades.c.updated_at)),
+    ]
+    document: ColumnElement[str] = literal("{")
+    for i, (name, value) in enumerate(fields):
+        document = document.concat(f'{"," if i else ""}"{name}":').concat(value)
+    return document.concat("}")
+
+
+# The listing's statements are built once per shape (which filters are given) and dialect,
+# their values bound at each call: building and hashing a statement this size cost a read
+# ~5 ms of the interpreter, about what the database took to run it.
+AS_OF = bindparam("as_of", type_=Date)
+_SELECT = select(
+    trades.c.trade_id,
+    trades.c.version,
+    trades.c.counterparty_id,
+    trades.c.book_id,
+    trades.c.maturity_date,
+    trades.c.created_date,
+    expired_expr(AS_OF).label("is_expired"),
+    trades.c.created_at,
+    trades.c.updated_at,
+)
+# Which of a listing's conditions apply: after a cursor, by book, by counterparty, expired.
+Shape = tuple[bool, bool, bool, bool | None]
+
+
+def _shape(after: tuple[str, int] | None, where: TradeFilter) -> Shape:
+    return (
+        after is not None,
+        where.book_id is not None,
+        where.counterparty_id is not None,
+        where.expired,
+    )
+
+
+def _params(after: tuple[str, int] | None, where: TradeFilter, as_of: date) -> dict[str, Any]:
+    after_id, after_version = after or (None, None)
+    return {
+        "as_of": as_of,
+        "after_id": after_id,
+        "after_version": after_version,
+        "book_id": where.book_id,
+        "counterparty_id": where.counterparty_id,
+    }
+
+
+def _listing(query: Select[Any], shape: Shape) -> Select[Any]:
+    """``query`` over the rows of this shape's conditions, ordered by (trade_id bytes,
+    version), at most ``rows`` of them."""
+    keyset, by_book, by_counterparty, expired = shape
+    conditions: list[ColumnElement[bool]] = []
+    if keyset:
+        after = tuple_(
+            bindparam("after_id", type_=String), bindparam("after_version", type_=Integer)
+        )
+        conditions.append(tuple_(trades.c.trade_id, trades.c.version) > after)
+    if by_book:
+        conditions.append(trades.c.book_id == bindparam("book_id", type_=String))
+    if by_counterparty:
+        conditions.append(trades.c.counterparty_id == bindparam("counterparty_id", type_=String))
+    if expired is not None:
+        flag = expired_expr(AS_OF)
+        conditions.append(flag if expired else ~flag)
+    return (
+        query.where(and_(True, *conditions))
+        .order_by(trades.c.trade_id, trades.c.version)
+        .limit(bindparam("rows", type_=Integer))
+    )
+
+
+@cache
+def _page_query(shape: Shape) -> Select[Any]:
+    return _listing(_SELECT, shape)
+
+
+@cache
+def _encoded_page_query(dialect: str, shape: Shape) -> Select[Any]:
+    """The page's documents joined into one text, with the key of row ``limit`` and the
+    count of rows read (``rows``, one more than ``limit``)."""
+    key = (trades.c.trade_id, trades.c.version)
+    numbered = _listing(
+        select(
+            *key, _document(dialect).label("doc"), func.row_number().over(order_by=key).label("n")
+        ),
+        shape,
+    ).subquery()
+    limit = bindparam("limit", type_=Integer)
+    shown, last = numbered.c.n <= limit, numbered.c.n == limit
+    if dialect == "postgresql":
+        joined = func.string_agg(numbered.c.doc, aggregate_order_by(literal(","), numbered.c.n))
+    else:  # SQLite before 3.44 has no ORDER BY in an aggregate; it joins in the order
+        # the subquery yields (its LIMIT keeps it from being flattened into the aggregate)
+        joined = func.group_concat(numbered.c.doc, ",")
+    return select(
+        joined.filter(shown),
+        func.max(numbered.c.trade_id).filter(last),
+        func.max(numbered.c.version).filter(last),
+        func.count(),
     )
 
 
@@ -218,43 +360,36 @@ class SqlTradeStore:
         with self._connect() as conn:
             yield _DecisionLog(conn)
 
-    def _select(self, as_of: date) -> Any:
-        return select(
-            trades.c.trade_id,
-            trades.c.version,
-            trades.c.counterparty_id,
-            trades.c.book_id,
-            trades.c.maturity_date,
-            trades.c.created_date,
-            expired_expr(as_of).label("is_expired"),
-            trades.c.created_at,
-            trades.c.updated_at,
-        )
-
     def versions(self, trade_id: str, as_of: date) -> list[StoredTrade]:
-        query = self._select(as_of).where(trades.c.trade_id == trade_id).order_by(trades.c.version)
-        return self._run(lambda conn: [_stored(r) for r in conn.execute(query)])
+        query = _SELECT.where(trades.c.trade_id == trade_id).order_by(trades.c.version)
+        return self._run(lambda conn: [_stored(r) for r in conn.execute(query, {"as_of": as_of})])
 
     def page(
         self, after: tuple[str, int] | None, limit: int, where: TradeFilter, as_of: date
     ) -> list[StoredTrade]:
-        conditions: list[ColumnElement[bool]] = []
-        if after is not None:
-            conditions.append(tuple_(trades.c.trade_id, trades.c.version) > tuple_(*after))
-        if where.book_id is not None:
-            conditions.append(trades.c.book_id == where.book_id)
-        if where.counterparty_id is not None:
-            conditions.append(trades.c.counterparty_id == where.counterparty_id)
-        if where.expired is not None:
-            flag = expired_expr(as_of)
-            conditions.append(flag if where.expired else ~flag)
-        query = (
-            self._select(as_of)
-            .where(and_(True, *conditions))
-            .order_by(trades.c.trade_id, trades.c.version)
-            .limit(limit)
-        )
-        return self._run(lambda conn: [_stored(r) for r in conn.execute(query)])
+        query = _page_query(_shape(after, where))
+        params = _params(after, where, as_of) | {"rows": limit}
+        return self._run(lambda conn: [_stored(r) for r in conn.execute(query, params)])
+
+    def encoded_page(
+        self, after: tuple[str, int] | None, limit: int, where: TradeFilter, as_of: date
+    ) -> EncodedPage:
+        """``page``'s rows as the database writes their JSON: one statement, one text value
+        back, so no Python runs per row (building StoredTrades took ~28 µs a row, on read
+        threads sharing the interpreter lock with the event loop that acknowledges POSTs).
+        One row more is read, numbered, to know whether more follow."""
+        query = _encoded_page_query(self._engine.dialect.name, _shape(after, where))
+        params = _params(after, where, as_of) | {"rows": limit + 1, "limit": limit}
+
+        def read(conn: Connection) -> EncodedPage:
+            body, trade_id, version, count = conn.execute(query, params).one()
+            return EncodedPage(
+                f"[{body or ''}]".encode(),
+                (trade_id, version) if trade_id is not None else None,
+                count > limit,
+            )
+
+        return self._run(read)
 
     def expire(self, as_of: date, chunk: int = EXPIRE_CHUNK) -> int:
         """In chunks of ``chunk`` rows, one transaction each: however many trades mature on

@@ -14,6 +14,7 @@ from pathlib import Path
 import structlog
 
 from adapters.dynamodb import DynamoStatusStore, make_client
+from adapters.idempotency import DynamoKeys, ensure_key_schema
 from adapters.inbound_log import PartitionCountMismatch, SqliteInboundLog
 from adapters.intake import PendingThenQueue, SqliteIntake
 from adapters.kafka import INBOUND_TOPIC_CONFIG, KafkaTradeQueue, ensure_topics
@@ -50,6 +51,16 @@ def status_store(settings: Settings) -> SqliteStatusStore | DynamoStatusStore:
         )
     return DynamoStatusStore(
         make_client(settings.dynamodb_endpoint_url, settings.aws_region),
+        settings.status_table,
+        settings.status_ttl_days,
+    )
+
+
+def key_claims(settings: Settings) -> DynamoKeys:
+    """The services profile's idempotency keys, in the status table (its own connections:
+    claims are few, and never wait behind a batch of PENDING writes)."""
+    return DynamoKeys(
+        make_client(settings.dynamodb_endpoint_url, settings.aws_region, pool=8),
         settings.status_table,
         settings.status_ttl_days,
     )
@@ -106,6 +117,7 @@ def prepare_status_store(settings: Settings) -> str:
     store = status_store(settings)
     if isinstance(store, SqliteStatusStore):
         store.ensure_schema()
+        ensure_key_schema(store.path)
         store.adopt(settings.data_dir / "status.db")
         return str(store.path)
     store.ensure_table()
@@ -139,7 +151,7 @@ def api_services(settings: Settings) -> Services:
     statuses = status_store(settings)
     if isinstance(statuses, SqliteStatusStore):
         inbound = inbound_log(settings)
-        intake = SqliteIntake(inbound, statuses)
+        intake = SqliteIntake(inbound, statuses, timedelta(days=settings.status_ttl_days))
         return Services(
             trade_store(settings, reads_only=True), statuses, inbound, intake, [intake.close]
         )
@@ -148,6 +160,6 @@ def api_services(settings: Settings) -> Services:
         trade_store(settings, reads_only=True),
         statuses,
         queue,
-        PendingThenQueue(statuses, queue),
+        PendingThenQueue(statuses, queue, key_claims(settings)),
         [queue.close, statuses.close],
     )

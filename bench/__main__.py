@@ -29,7 +29,9 @@ def parser() -> argparse.ArgumentParser:
         help="rate of the CPU-per-request runs (default: min(1,000, 0.8 x api_max_rps))",
     )
     p.add_argument(
-        "--phases", default="api,e2e,sink", help="comma-separated subset of api,e2e,sink"
+        "--phases",
+        default="api,e2e,batch,ndjson,overload,sink",
+        help="comma-separated subset of api,e2e,batch,ndjson,overload,sink",
     )
     p.add_argument(
         "--app-root",

@@ -56,6 +56,7 @@ class LoadSpec:
     procs: int = 1
     progress: bool = True
     label: str = ""
+    batch: int = 0  # POST batches of this many trades to /api/v1/trades/batch instead
 
 
 @dataclass
@@ -129,6 +130,19 @@ def trade_body(tag: str, n: int, maturity: str) -> bytes:
         b'{"trade_id":"%s-%d","version":1,"counterparty_id":"CP-%d","book_id":"B-%d",'
         b'"maturity_date":"%s"}' % (tag.encode(), n, n % 97, n % 13, maturity.encode())
     )
+
+
+def batch_body(tag: str, n: int, size: int, maturity: str) -> bytes:
+    """A valid batch body: ``size`` trades numbered from ``n * size`` (unique ids)."""
+    first = n * size
+    items = b",".join(trade_body(tag, first + i, maturity) for i in range(size))
+    return b'{"trades":[' + items + b"]}"
+
+
+def last_request_id(body: bytes) -> str:
+    """The request id to follow of a single POST's or a batch's 202: a batch's last item."""
+    reply = orjson.loads(body)
+    return str(reply["results"][-1]["request_id"] if "results" in reply else reply["request_id"])
 
 
 class _Conn(asyncio.Protocol):
@@ -282,9 +296,15 @@ class _Generator:
         self.stopping = False
         self.poller = _Poller(self) if spec.e2e_every else None
         self.maturity = (date.today() + timedelta(days=365)).isoformat()
+        path = b"/api/v1/trades/batch" if spec.batch else b"/api/v1/trades"
         self.head = (
-            b"POST /api/v1/trades HTTP/1.1\r\nHost: %s:%d\r\n"
-            b"Content-Type: application/json\r\nContent-Length: " % (spec.host.encode(), spec.port)
+            b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+            % (
+                path,
+                spec.host.encode(),
+                spec.port,
+            )
+            + b"Content-Length: "
         )
         self.reconnects: set[asyncio.Task[None]] = set()
 
@@ -322,7 +342,12 @@ class _Generator:
 
     # -- requests ------------------------------------------------------------------
     def _payload(self, n: int) -> bytes:
-        body = trade_body(self.spec.tag, n, self.maturity)
+        spec = self.spec
+        body = (
+            batch_body(spec.tag, n, spec.batch, self.maturity)
+            if spec.batch
+            else trade_body(spec.tag, n, self.maturity)
+        )
         return self.head + b"%d\r\n\r\n" % len(body) + body
 
     def _send(self, conn: _Conn, n: int, intended: float, queued: bool = False) -> None:
@@ -347,7 +372,7 @@ class _Generator:
         res.statuses[status] = res.statuses.get(status, 0) + 1
         res.latencies_ms.append((now - intended) * 1000)
         if self.poller is not None and status == 202 and n % self.spec.e2e_every == 0:
-            self.poller.follow(orjson.loads(body)["request_id"], intended, now)
+            self.poller.follow(last_request_id(body), intended, now)
         if close:
             assert conn.transport is not None
             conn.transport.close()  # on_lost reopens it

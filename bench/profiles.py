@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ PG_URL = "postgresql+psycopg://trade_store:trade_store@127.0.0.1:55432/trade_sto
 KAFKA = "127.0.0.1:9092"
 DYNAMO = "http://127.0.0.1:4567"
 SERVICES = ["postgres", "kafka", "dynoxide"]
+SERVICE_PORTS = {"postgres": 55432, "kafka": 9092, "dynoxide": 4567}
 TTL_DAYS = 7
 
 
@@ -561,11 +563,23 @@ def new_stage(profile: str, run_id: str, label: str, workdir: Path) -> Stage:
     return cls(run_id, label, workdir)
 
 
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def services_up() -> list[str]:
     """Start the services the services profile needs; return those that were down."""
     script = ROOT / "scripts" / "services"
 
     def is_down(name: str) -> bool:
+        # A service that answers on its port is up, even when another checkout started it
+        # (the status script only knows the pid files of its own checkout).
+        if _listening(SERVICE_PORTS[name]):
+            return False
         return (
             subprocess.run(  # noqa: S603
                 [str(script), "status", name], capture_output=True, check=False

@@ -1,14 +1,26 @@
-"""Targets of issue #4 and the markdown summary printed at the end of a run."""
+"""Targets of issues #4 and #12 and the markdown summary printed at the end of a run."""
 
 from __future__ import annotations
 
 from typing import Any
 
+Target = tuple[str, str, float | str, float, str]
 # (key in the result, comparison, target value or a key of the result to scale, factor, text)
-TARGETS: dict[str, list[tuple[str, str, float | str, float, str]]] = {
+FEEDS: list[Target] = [  # issue 12, both profiles
+    ("batch100_api_cpu_us_per_trade", "<=", "api_cpu_us_per_req", 0.1, "≤ 10 % of a POST's"),
+    ("ndjson_peak_rss_mb", "<=", 300, 1, "≤ 300 MB"),
+    ("overload_timeouts", "<=", 0, 1, "0"),
+    ("overload_other_statuses", "<=", 0, 1, "0 (only 202 and 429)"),
+    ("overload_accepted_p99_ms", "<=", 200, 1, "≤ 200 ms"),
+]
+TARGETS: dict[str, list[Target]] = {
     "services": [
         ("api_max_rps", ">=", 3000, 1, "≥ 3,000/s"),
         ("ack_p99_ms", "<=", 20, 1, "≤ 20 ms at 1,000/s"),
+        ("ack_p99_ms", "<=", 100, 1, "≤ 100 ms at 1,000/s (issue 12)"),
+        ("batch100_trades_per_s", ">=", 5000, 1, "≥ 5,000/s"),
+        ("batch_e2e_p99_ms", "<=", 2000, 1, "≤ 2 s"),
+        *FEEDS,
         ("e2e_p99_ms", "<=", 500, 1, "≤ 500 ms at 1,000/s"),
         ("api_cpu_us_per_req", "<=", "bare_cpu_us_per_req", 2, "≤ 2 × bare"),
         ("sink_rate", ">=", 10000, 1, "≥ 10,000/s"),
@@ -17,6 +29,9 @@ TARGETS: dict[str, list[tuple[str, str, float | str, float, str]]] = {
     "embedded": [
         ("api_max_rps", ">=", 2000, 1, "≥ 2,000/s (p99 ≤ 50 ms)"),
         ("sink_rate", ">=", 10000, 1, "≥ 10,000/s"),
+        ("batch100_trades_per_s", ">=", 25000, 1, "≥ 25,000/s"),
+        ("batch_e2e_p99_ms", "<=", 1000, 1, "≤ 1 s"),
+        *FEEDS,
     ],
 }
 
@@ -101,6 +116,40 @@ def markdown(doc: dict[str, Any]) -> str:
         ("storage_ceiling_rate (no framework)", _fmt(doc.get("storage_ceiling_rate"), "/s"), ""),
         ("sink ÷ ceiling", _fmt(doc.get("sink_vs_ceiling")), ""),
         ("sink store verified", _fmt(doc.get("sink_verified")), ""),
+        (
+            "batch100_trades_per_s (p99 ack ≤ 200 ms, processor running)",
+            _fmt(doc.get("batch100_trades_per_s"), "/s"),
+            "batch100_trades_per_s",
+        ),
+        (
+            "batch100_api_cpu_us_per_trade",
+            _fmt(doc.get("batch100_api_cpu_us_per_trade"), " µs"),
+            "batch100_api_cpu_us_per_trade",
+        ),
+        ("batch1000_trades_per_s", _fmt(doc.get("batch1000_trades_per_s"), "/s"), ""),
+        ("batch_e2e_p99_ms", _fmt(doc.get("batch_e2e_p99_ms"), " ms"), "batch_e2e_p99_ms"),
+        (
+            f"ndjson_trades_per_s ({_fmt(doc.get('ndjson_lines'))} lines)",
+            _fmt(doc.get("ndjson_trades_per_s"), "/s"),
+            "",
+        ),
+        (
+            "ndjson_peak_rss_mb (API)",
+            _fmt(doc.get("ndjson_peak_rss_mb"), " MB"),
+            "ndjson_peak_rss_mb",
+        ),
+        ("overload_rate", _fmt(doc.get("overload_rate"), "/s"), ""),
+        ("overload_timeouts", _fmt(doc.get("overload_timeouts")), "overload_timeouts"),
+        (
+            "overload_other_statuses",
+            _fmt(doc.get("overload_other_statuses")),
+            "overload_other_statuses",
+        ),
+        (
+            "overload_accepted_p99_ms",
+            _fmt(doc.get("overload_accepted_p99_ms"), " ms"),
+            "overload_accepted_p99_ms",
+        ),
     ]
     lines = [
         f"### trade-store benchmark — profile `{doc['profile']}`, {doc['mode']} run,"
@@ -113,5 +162,7 @@ def markdown(doc: dict[str, Any]) -> str:
         text, mark = target(key) if key else ("", "")
         lines.append(f"| {name} | {value} | {text} | {mark} |")
     lines.append("")
-    lines.append(f"elapsed {doc.get('elapsed_s')} s; generator: {doc['generator']['name']}")
+    skipped = [f"{k}: {v['skipped']}" for k, v in doc.get("phases", {}).items() if "skipped" in v]
+    lines.append(f"elapsed {doc.get('elapsed_s')} s; load: {doc['generator']['name']}")
+    lines.extend(f"skipped {s}" for s in skipped)
     return "\n".join(lines)

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -276,3 +277,39 @@ def connections_per_process(pids: list[int], port: int) -> dict[int, int]:
         if count:
             out[pid] = count
     return out
+
+
+def _status_kb(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class RssMeter:
+    """Peak resident memory of a process tree: VmRSS summed over the tree, sampled every
+    0.1 s on a thread, and each process's own high-water mark (VmHWM) at the end."""
+
+    def __init__(self, pid: int, every: float = 0.1) -> None:
+        self.pids = descendants(pid)
+        self.peak_kb = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, args=(every,), daemon=True)
+        self.thread.start()
+
+    def _sample(self, every: float) -> None:
+        while not self.done.wait(every):
+            self.peak_kb = max(self.peak_kb, sum(_status_kb(p, "VmRSS:") for p in self.pids))
+
+    def stop(self) -> dict[str, object]:
+        self.done.set()
+        self.thread.join()
+        return {
+            "peak_rss_mb": round(self.peak_kb / 1024, 1),
+            "vm_hwm_mb_per_process": {
+                str(p): round(_status_kb(p, "VmHWM:") / 1024, 1) for p in self.pids
+            },
+        }

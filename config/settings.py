@@ -29,8 +29,11 @@ class Settings(BaseSettings):
     api_workers: int = Field(default=1, ge=1)
     max_body_bytes: int = Field(default=16_384, ge=256)
     retry_after_seconds: int = Field(default=5, ge=1)
-    # Requests of one API worker waiting on the intake at once; beyond it, 429 at once.
-    max_waiting_requests: int = Field(default=2_000, ge=1)
+    # Trades of one API worker awaiting their durable ack at once; beyond, 429 OVERLOADED.
+    max_in_flight: int = Field(default=5_000, ge=1)
+    # POST /api/v1/trades/batch: items of a JSON batch, and its body's bytes (over: 413).
+    batch_max_items: int = Field(default=1_000, ge=1)
+    max_batch_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     business_timezone: str = "UTC"
 
     # PostgreSQL trade store

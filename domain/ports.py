@@ -13,13 +13,22 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Protocol
 
+from domain.idempotency import KeyRecord
 from domain.message import TradeMessage
-from domain.status import Outcome, RequestStatus
+from domain.status import Batch, BatchProgress, Outcome, RequestState, RequestStatus
 from domain.trade import Trade
 
 
 class Unavailable(Exception):
     """A dependency is down or timing out; the caller may retry later."""
+
+
+class Overloaded(Exception):
+    """Too much already waits on a dependency; the caller may retry after ``retry_after_s``."""
+
+    def __init__(self, reason: str, retry_after_s: int | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +39,18 @@ class StoredTrade:
     expired: bool
     created_at: datetime
     updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedPage:
+    """A page of the trade listing as the store encoded it: ``body``, the JSON array of its
+    rows as the API serves them; ``last``, the key (trade_id, version) of its last row when
+    the page is full (as many rows as asked for), else None; and ``more``, whether rows
+    follow it."""
+
+    body: bytes
+    last: tuple[str, int] | None
+    more: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +81,13 @@ class TradeReader(Protocol):
         self, after: tuple[str, int] | None, limit: int, where: TradeFilter, as_of: date
     ) -> list[StoredTrade]:
         """Up to ``limit`` rows after the keyset cursor, ordered by (trade_id bytes, version)."""
+        ...
+
+    def encoded_page(
+        self, after: tuple[str, int] | None, limit: int, where: TradeFilter, as_of: date
+    ) -> EncodedPage:
+        """``page``'s rows as the API's JSON, encoded by the store itself: a flood of reads
+        then costs the API's interpreter nothing per row."""
         ...
 
     def ping(self) -> None:
@@ -122,6 +150,10 @@ class PendingWriter(Protocol):
         """Delete a PENDING record whose trade could not be queued (never a terminal one)."""
         ...
 
+    async def put_batch(self, batch: Batch) -> None:
+        """Durably record a batch, once its accepted items are PENDING and queued."""
+        ...
+
 
 class OutcomeWriter(Protocol):
     """The processor's writes to the status store. One contract for every implementation
@@ -147,16 +179,50 @@ class StatusReader(Protocol):
         """The status, or None when unknown or expired."""
         ...
 
+    def get_many(self, request_ids: Sequence[str]) -> dict[str, RequestStatus]:
+        """The statuses of up to 100 requests in one round trip; unknown or expired ones
+        are absent."""
+        ...
+
+    def batch(self, batch_id: str) -> BatchProgress | None:
+        """A batch and its requests counted by state, or None when unknown or expired."""
+        ...
+
+    def batch_record(self, batch_id: str) -> Batch | None:
+        """The batch as recorded, without counting its requests; None when unknown or
+        expired (what a page of its items is checked against)."""
+        ...
+
+    def batch_items(
+        self, batch_id: str, state: RequestState | None, after: int | None, limit: int
+    ) -> list[RequestStatus]:
+        """Up to ``limit`` of a batch's requests (in ``state``, if given) with a
+        ``batch_index`` above ``after``, by ``batch_index``."""
+        ...
+
     def ping(self) -> None:
         """Raise Unavailable unless the store answers."""
         ...
 
 
-class Intake(Protocol):
-    """Takes in one accepted submission: its PENDING record and its queued trade."""
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """What one POST hands the intake: each accepted trade's PENDING record and queued
+    message, the batch they came in (if any) and the idempotency key it holds (if any)."""
 
-    async def accept(self, pending: RequestStatus, message: TradeMessage) -> None:
-        """Return once both are durable; raise Unavailable and leave no PENDING behind."""
+    accepted: Sequence[tuple[RequestStatus, TradeMessage]]
+    batch: Batch | None = None
+    key: KeyRecord | None = None
+
+
+class Intake(Protocol):
+    """Takes in one POST's accepted trades."""
+
+    async def accept(self, submission: Submission) -> KeyRecord | None:
+        """Return None once every PENDING record and message, then the batch and key
+        records, are durable; or, when the key is held already, the held record, having
+        written nothing. An outage raises Unavailable and leaves no PENDING record of a
+        trade that was not queued."""
         ...
 
 

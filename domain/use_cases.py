@@ -1,53 +1,101 @@
-"""The use cases, each a plain function over the ports it needs: accept a submission (the
-API), record decisions and dead letters (the processor's sinks), page through trades (the
-API's reads). The adapters only carry them out; the HTTP and Bytewax layers only call them.
+"""The use cases, each a plain function over the ports it needs: admit and submit a POST's
+trades (the API), record decisions and dead letters (the processor's sinks), page through
+trades (the API's reads). The adapters only carry them out; the HTTP and Bytewax layers only
+call them.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 
+from domain.idempotency import Answer, KeyRecord, replay
 from domain.message import TradeMessage
-from domain.ports import DecisionLog, DecisionStore, Intake, StoredTrade, TradeFilter, TradeReader
-from domain.status import Outcome, ReasonCode, RequestState, RequestStatus
+from domain.ports import (
+    DecisionLog,
+    DecisionStore,
+    Intake,
+    Submission,
+    TradeFilter,
+    TradeReader,
+)
+from domain.status import Batch, Outcome, ReasonCode, RequestState, RequestStatus
 from domain.trade import Decision, Rejected, Trade, check_maturity, decide_in_order, outcome_of
 
 
-async def accept(
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """Where a POST's trades come from: its correlation id, the business date and moment it
+    arrived, and the client that sent it (None: authentication is off)."""
+
+    correlation_id: str
+    today: date
+    now: datetime
+    client_id: str | None = None
+
+
+Admitted = list[tuple[int, TradeMessage | Rejected]]
+
+
+def admit(trades: Iterable[tuple[int, Trade]], arrival: Arrival) -> Admitted:
+    """Each trade (with its position in the POST) refused at once if it matured before the
+    business date, else given a request id: what the answer says before anything is written."""
+    admitted: Admitted = []
+    for index, trade in trades:
+        rejected = check_maturity(trade, arrival.today)
+        admitted.append(
+            (
+                index,
+                rejected
+                or TradeMessage(
+                    request_id=str(uuid.uuid4()),
+                    correlation_id=arrival.correlation_id,
+                    accepted_on=arrival.today,
+                    accepted_at=arrival.now,
+                    trade=trade,
+                ),
+            )
+        )
+    return admitted
+
+
+async def submit(
     intake: Intake,
-    trade: Trade,
-    correlation_id: str,
-    today: date,
-    now: datetime,
-    client_id: str | None = None,
-) -> TradeMessage | Rejected:
-    """Take in one submission: refused at once if it matured before ``today`` (the business
-    date), else given a request id and, once its PENDING record (naming ``client_id``, who
-    alone may read it back) and its queued message are durable, returned."""
-    rejected = check_maturity(trade, today)
-    if rejected is not None:
-        return rejected
-    message = TradeMessage(
-        request_id=str(uuid.uuid4()),
-        correlation_id=correlation_id,
-        accepted_on=today,
-        accepted_at=now,
-        trade=trade,
-    )
-    pending = RequestStatus(
+    admitted: Admitted,
+    arrival: Arrival,
+    batch: Batch | None = None,
+    key: KeyRecord | None = None,
+) -> Answer | None:
+    """Make the admitted trades durable: PENDING (naming the client, who alone may read them
+    back, and the batch) and queued, then the batch and the key with its answer. Return
+    None; or, if the key was held already, the answer to replay, having queued nothing."""
+    accepted = [
+        (_pending(message, arrival, batch, index), message)
+        for index, message in admitted
+        if isinstance(message, TradeMessage)
+    ]
+    held = await intake.accept(Submission(accepted, batch, key))
+    if held is None or key is None:
+        return None
+    return replay(held, key.fingerprint)
+
+
+def _pending(
+    message: TradeMessage, arrival: Arrival, batch: Batch | None, index: int
+) -> RequestStatus:
+    return RequestStatus(
         request_id=message.request_id,
         state=RequestState.PENDING,
-        trade_id=trade.trade_id,
-        version=trade.version,
-        created_at=now,
-        updated_at=now,
-        client_id=client_id,
+        trade_id=message.trade.trade_id,
+        version=message.trade.version,
+        created_at=arrival.now,
+        updated_at=arrival.now,
+        client_id=arrival.client_id,
+        batch_id=batch.batch_id if batch else None,
+        batch_index=index if batch else None,
     )
-    await intake.accept(pending, message)
-    return message
 
 
 def record_decisions(
@@ -124,11 +172,8 @@ def trade_page(
     limit: int,
     where: TradeFilter,
     as_of: date,
-) -> tuple[list[StoredTrade], tuple[str, int] | None]:
-    """Up to ``limit`` rows after the keyset cursor, and the cursor of the next page if
-    there is one (one row more is read to know)."""
-    rows = reader.page(after, limit + 1, where, as_of)
-    if len(rows) <= limit:
-        return rows, None
-    last = rows[limit - 1].trade
-    return rows[:limit], (last.trade_id, last.version)
+) -> tuple[bytes, tuple[str, int] | None]:
+    """Up to ``limit`` rows after the keyset cursor, as JSON, and the cursor of the next page
+    if there is one: the key of this page's last row."""
+    page = reader.encoded_page(after, limit, where, as_of)
+    return page.body, page.last if page.more else None

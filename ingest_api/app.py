@@ -13,7 +13,7 @@ from adapters.wiring import Services, api_services
 from config.logs import configure_logging
 from config.runtime import tune_gc, tune_switching
 from config.settings import Settings, get_settings
-from ingest_api import auth, docs, metrics, openapi, problems, quotas
+from ingest_api import auth, batches, docs, metrics, openapi, problems, quotas, submissions
 from ingest_api.health import Health
 from ingest_api.middleware import BodyLimitMiddleware, CorrelationMiddleware
 from ingest_api.problems import UnexpectedErrorMiddleware
@@ -24,6 +24,8 @@ from ingest_api.semantics import HttpSemanticsMiddleware, add_cors
 log = structlog.get_logger("ingest_api")
 # Beyond the produce timeout, so the queue's own delivery report decides when it can.
 INTAKE_GRACE_S = 0.2
+# The longest Retry-After an overloaded worker asks for, however slowly it drains.
+MOST_RETRY_AFTER_S = 30
 
 
 def create_app(
@@ -42,8 +44,9 @@ def create_app(
         app.state.services.intake = BoundedIntake(
             app.state.services.intake,
             "inbound log" if settings.embedded else "status store or queue",
-            settings.max_waiting_requests,
+            settings.max_in_flight,
             settings.produce_timeout_ms / 1000 + INTAKE_GRACE_S,
+            MOST_RETRY_AFTER_S,
         )
         app.state.reads = ReadPool(settings.read_threads, settings.max_waiting_reads)
         app.state.health = Health(app.state.services, settings.health_cache_seconds)
@@ -71,12 +74,18 @@ def create_app(
     auth.install(app, settings)
     quotas.install(app, settings)
     # Outermost last: CORS, correlation id, HTTP semantics, the catch-all 500, body limit.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        batch_bytes=settings.max_batch_bytes,
+    )
     app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(HttpSemanticsMiddleware, router=app.router)
     app.add_middleware(CorrelationMiddleware)
     add_cors(app, settings.cors_origins)
     app.include_router(router)
+    app.include_router(submissions.router)
+    app.include_router(batches.router)
     app.add_route("/metrics", metrics.metrics, include_in_schema=False)
     docs.install(app)
     openapi.install(app)

@@ -30,7 +30,7 @@ from starlette.responses import Response
 from config.settings import Settings
 from domain.message import valid_id
 from domain.ports import Unavailable
-from domain.status import RequestStatus
+from domain.status import Batch, RequestStatus
 from ingest_api.openapi import problem
 from ingest_api.problems import problem_response
 
@@ -440,8 +440,9 @@ async def authenticated(request: Request) -> bool:
     return True
 
 
-def sees(client: Client | None, status: RequestStatus) -> bool:
-    """A client sees the requests it submitted, or every one with ``requests:read:any``."""
+def sees(client: Client | None, status: RequestStatus | Batch) -> bool:
+    """A client sees the requests (and batches) it submitted, or every one with
+    ``requests:read:any``."""
     return client is None or REQUESTS_READ_ANY in client.scopes or status.client_id == client.id
 
 

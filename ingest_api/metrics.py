@@ -37,9 +37,12 @@ from ingest_api.metrics_dir import MULTIPROC_ENV
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED = "unmatched"  # the route label of a path no route has (a 404)
+# A submission's answer once what it accepted is durable (a JSON batch: 207 if in part);
+# an NDJSON stream's 200 starts before its lines are taken in, so it is no ack.
+ACKED = frozenset({202, 207})
 CAUSE_KEY = "refusal_cause"  # scope["state"] entry: what a 503 was about (problems.py)
 # A refusal's cause by the problem's code; a 503 names its dependency instead.
-CAUSES = {"RATE_LIMITED": "rate_limited", "TOO_MANY_REQUESTS": "waiting"}
+CAUSES = {"RATE_LIMITED": "rate_limited", "OVERLOADED": "overloaded"}
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series: one more per series, read by no query here
 
@@ -56,7 +59,8 @@ DURATION = Histogram(
 )
 ACK = Histogram(
     "trade_store_api_ack_duration_seconds",
-    "POSTs answered 202: from arrival to the 202, i.e. until the submission was durable",
+    "Submissions answered 202 or 207 (a batch in part): from arrival to the answer, i.e."
+    " until what was accepted was durable",
     ["route"],
     buckets=BUCKETS,
 )
@@ -67,9 +71,9 @@ IN_FLIGHT = Gauge(
 )
 REFUSALS = Counter(
     "trade_store_api_refusals",
-    "429 and 503 answers by cause: rate_limited (a client's quota), waiting (too many"
-    " requests wait on a dependency or a read thread), connections (a worker's connection"
-    " cap), degraded (health), else the dependency a 503 names",
+    "429 and 503 answers by cause: rate_limited (a client's quota), overloaded (too much"
+    " in flight on the intake or a read thread), connections (a worker's connection cap),"
+    " degraded (health), else the dependency a 503 names",
     ["status", "cause"],
 )
 
@@ -143,7 +147,7 @@ class MetricsMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 refused = status in (429, 503)
-                if status == 202 and scope["method"] == "POST":
+                if status in ACKED and scope["method"] == "POST":
                     self._acked(scope, time.perf_counter() - started)
             elif refused and message["type"] == "http.response.body":
                 refused = False  # a problem document is one body message

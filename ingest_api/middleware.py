@@ -71,20 +71,41 @@ class CorrelationMiddleware:
             structlog.contextvars.unbind_contextvars("correlation_id")
 
 
-class BodyLimitMiddleware:
-    """Answers 413 for bodies over ``max_bytes``, whether declared or streamed."""
+BATCH_PATH = "/api/v1/trades/batch"
+NDJSON = "application/x-ndjson"
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+
+def media_type(scope: Scope) -> str:
+    """The request's Content-Type without its parameters, lower-cased."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-type":
+            media: str = value.decode("latin-1").split(";")[0].strip().lower()
+            return media
+    return ""
+
+
+class BodyLimitMiddleware:
+    """Answers 413 for bodies over ``max_bytes`` (a batch: ``batch_bytes``), whether declared
+    or streamed. An NDJSON stream has no total: its route caps each line."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, batch_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.batch_bytes = batch_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.max_bytes
+        if scope["path"] == BATCH_PATH:
+            if media_type(scope) == NDJSON:
+                await self.app(scope, receive, send)
+                return
+            limit = self.batch_bytes
         for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._too_large()(scope, receive, send)
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await _too_large(limit)(scope, receive, send)
                 return
         received = 0
 
@@ -92,15 +113,17 @@ class BodyLimitMiddleware:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_bytes:
+            if received > limit:
                 # Raised inside the app, so the exception handlers turn it into problem+json.
-                raise HTTPException(413, self._title())
+                raise HTTPException(413, _title(limit))
             return message
 
         await self.app(scope, limited_receive, send)
 
-    def _title(self) -> str:
-        return f"Request body exceeds {self.max_bytes} bytes"
 
-    def _too_large(self) -> Response:
-        return problem_response(413, "PAYLOAD_TOO_LARGE", self._title())
+def _title(limit: int) -> str:
+    return f"Request body exceeds {limit} bytes"
+
+
+def _too_large(limit: int) -> Response:
+    return problem_response(413, "PAYLOAD_TOO_LARGE", _title(limit))

@@ -34,6 +34,10 @@ HEADERS: dict[str, dict[str, Any]] = {
         "required": True,
         "schema": {"type": "string"},
     },
+    "Idempotent-Replayed": {
+        "description": "`true` when this is the first answer to the Idempotency-Key, replayed",
+        "schema": {"type": "string", "enum": ["true"]},
+    },
     "Server-Timing": {
         "description": "`app;dur=<ms>`: how long the API took to start answering",
         "required": True,
@@ -52,6 +56,11 @@ def problem(description: str, *headers: str) -> dict[str, Any]:
     if headers:
         answer["headers"] = {name: HEADERS[name] for name in headers}
     return answer
+
+
+UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: problem("A dependency is down; retry after Retry-After", "Retry-After")
+}
 
 
 def _absent_not_null(parameter: dict[str, Any]) -> None:

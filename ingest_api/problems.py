@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -12,11 +13,12 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from adapters.intake import Overloaded
-from domain.ports import Unavailable
+from domain.idempotency import KeyInProgress, KeyReused
+from domain.ports import Overloaded, Unavailable
 from ingest_api.metrics import CAUSE_KEY
 
 MEDIA_TYPE = "application/problem+json"
+IDEMPOTENCY_KEY = "Idempotency-Key"
 # The dependencies a 503 may name; an adapter's own error text stays in the log.
 DEPENDENCIES = ("status store or queue", "status store", "inbound log", "trade store", "queue")
 
@@ -32,6 +34,26 @@ class ProblemError(Exception):
         self.field = field
 
 
+def problem_body(
+    status: int,
+    code: str,
+    title: str,
+    *,
+    detail: str | None = None,
+    field: str | None = None,
+    errors: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A problem document (also one batch item's, inside the batch's answer)."""
+    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "code": code}
+    if detail is not None:
+        body["detail"] = detail
+    if field is not None:
+        body["field"] = field
+    if errors is not None:
+        body["errors"] = errors
+    return body
+
+
 def problem_response(
     status: int,
     code: str,
@@ -42,14 +64,30 @@ def problem_response(
     errors: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response:
-    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "code": code}
-    if detail is not None:
-        body["detail"] = detail
-    if field is not None:
-        body["field"] = field
-    if errors is not None:
-        body["errors"] = errors
+    body = problem_body(status, code, title, detail=detail, field=field, errors=errors)
     return Response(orjson.dumps(body), status, headers=headers, media_type=MEDIA_TYPE)
+
+
+def invalid(errors: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The 422 VALIDATION_ERROR document for pydantic's errors, the first one's field named."""
+    listed = [
+        {"field": _field_of(tuple(e.get("loc", ()))), "type": e.get("type"), "msg": e.get("msg")}
+        for e in errors
+    ]
+    first = listed[0] if listed else {}
+    return problem_body(
+        422,
+        "VALIDATION_ERROR",
+        "Request is invalid",
+        detail=str(first.get("msg")) if first else None,
+        field=first.get("field"),
+        errors=listed,
+    )
+
+
+MALFORMED_JSON = problem_body(
+    422, "MALFORMED_JSON", "Request body is not valid JSON", detail="JSON decode error"
+)
 
 
 def log_error(event: str, **fields: Any) -> None:
@@ -61,21 +99,12 @@ def log_error(event: str, **fields: Any) -> None:
 def malformed_json() -> Response:
     """Every way a body can fail to decode (syntax, UTF-8, nesting depth, an integer too
     long for Python) is the same answer."""
-    return problem_response(
-        422, "MALFORMED_JSON", "Request body is not valid JSON", detail="JSON decode error"
-    )
+    return Response(orjson.dumps(MALFORMED_JSON), 422, media_type=MEDIA_TYPE)
 
 
 def _field_of(loc: tuple[Any, ...]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or None
-
-
-def _errors(exc: RequestValidationError) -> list[dict[str, Any]]:
-    return [
-        {"field": _field_of(tuple(e.get("loc", ()))), "type": e.get("type"), "msg": e.get("msg")}
-        for e in exc.errors()
-    ]
 
 
 def dependency_of(exc: Exception) -> str:
@@ -120,18 +149,10 @@ def install(app: FastAPI, retry_after_seconds: int) -> None:
 
     async def on_validation(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        errors = _errors(exc)
-        first = errors[0] if errors else {}
-        if first.get("type") == "json_invalid":
+        errors = exc.errors()
+        if errors and errors[0].get("type") == "json_invalid":
             return malformed_json()
-        return problem_response(
-            422,
-            "VALIDATION_ERROR",
-            "Request is invalid",
-            detail=str(first.get("msg")) if first else None,
-            field=first.get("field"),
-            errors=errors,
-        )
+        return Response(orjson.dumps(invalid(errors)), 422, media_type=MEDIA_TYPE)
 
     async def on_problem(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, ProblemError)
@@ -149,12 +170,30 @@ def install(app: FastAPI, retry_after_seconds: int) -> None:
         )
 
     async def on_overloaded(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Overloaded)
         return problem_response(
             429,
-            "TOO_MANY_REQUESTS",
-            "Too many requests are waiting; retry later",
+            "OVERLOADED",
+            "Too much is waiting already; retry after Retry-After",
             detail=str(exc),
-            headers={"Retry-After": str(retry_after_seconds)},
+            headers={"Retry-After": str(exc.retry_after_s or retry_after_seconds)},
+        )
+
+    async def on_key_reused(_: Request, exc: Exception) -> Response:
+        return problem_response(
+            422,
+            "IDEMPOTENCY_KEY_REUSED",
+            "This Idempotency-Key was first sent with another request",
+            field=IDEMPOTENCY_KEY,
+        )
+
+    async def on_key_in_progress(_: Request, exc: Exception) -> Response:
+        return problem_response(
+            409,
+            "IDEMPOTENCY_IN_PROGRESS",
+            "The request that first sent this Idempotency-Key is still being taken in",
+            field=IDEMPOTENCY_KEY,
+            headers={"Retry-After": "1"},
         )
 
     async def on_http(_: Request, exc: Exception) -> Response:
@@ -172,4 +211,6 @@ def install(app: FastAPI, retry_after_seconds: int) -> None:
     app.add_exception_handler(ProblemError, on_problem)
     app.add_exception_handler(Unavailable, on_unavailable)
     app.add_exception_handler(Overloaded, on_overloaded)
+    app.add_exception_handler(KeyReused, on_key_reused)
+    app.add_exception_handler(KeyInProgress, on_key_in_progress)
     app.add_exception_handler(HTTPException, on_http)

@@ -194,10 +194,15 @@ def quota(policy: Policy, cost: int = 1) -> Any:
     route charges its item count). List it after the authentication dependency."""
 
     async def take_quota(request: Request) -> None:
-        quotas: Quotas = request.app.state.quotas
-        quotas.charge(request.scope, policy, cost)
+        charge(request, policy, cost)
 
     return Depends(take_quota)
+
+
+def charge(request: Request, policy: Policy, cost: int) -> None:
+    """Charge ``cost`` units of ``policy`` from inside a route, once it knows the cost."""
+    quotas: Quotas = request.app.state.quotas
+    quotas.charge(request.scope, policy, cost)
 
 
 class RateLimitHeaders:

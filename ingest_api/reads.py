@@ -5,14 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
 
-from adapters.intake import Overloaded
+from domain.ports import Overloaded
 
 T = TypeVar("T")
+
+# How much nicer than the event loop a read thread is to the OS scheduler: the reads'
+# database work (the GIL released) then yields the two cores to the loop that acknowledges
+# POSTs. Measured with the read flood: flooded POST p99 14 ms against 18 ms (medians of 3).
+READ_NICENESS = 10
+
+
+def _nicer() -> None:
+    """Lower the calling thread's scheduling priority (Linux: per thread; allowed unprivileged)."""
+    thread = threading.get_native_id()
+    os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + READ_NICENESS)
 
 
 class ReadPool:
@@ -24,7 +37,7 @@ class ReadPool:
     """
 
     def __init__(self, threads: int, max_waiting: int) -> None:
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="read")
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="read", initializer=_nicer)
         self._bound = threads + max_waiting
         self.busy = 0
 

@@ -6,52 +6,48 @@ import asyncio
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from datetime import date
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.responses import Response
 
-from config.clock import business_today, utc_now
+from config.clock import business_today
+from config.settings import Settings
 from domain.message import normalise_id, valid_id, valid_version
 from domain.ports import StoredTrade, TradeFilter, TradeReader, Unavailable
-from domain.status import RequestState
-from domain.trade import Rejected
-from domain.use_cases import accept, trade_page
+from domain.use_cases import trade_page
 from ingest_api.auth import (
     AUTHENTICATED,
     REQUESTS_READ,
     TRADES_READ,
-    TRADES_WRITE,
     Client,
     authenticated,
     require,
     sees,
 )
 from ingest_api.deps import HealthDep, ReadsDep, ServicesDep, SettingsDep
-from ingest_api.openapi import HEADERS, problem
+from ingest_api.openapi import HEADERS, UNAVAILABLE, problem
 from ingest_api.problems import ProblemError
 from ingest_api.quotas import OVER_QUOTA, quota
+from ingest_api.reads import ReadPool
 from ingest_api.schemas import (
     ID_SCHEMA,
-    AcceptedOut,
     HealthOut,
     Identifier,
     RequestOut,
-    TradeIn,
+    RequestsOut,
     TradeOut,
 )
 
 router = APIRouter(prefix="/api/v1")
+T = TypeVar("T")
 # One callable per scope: listed first in a route's dependencies, so the caller is known
 # before its quota is charged, and, asked again as a parameter, run once (FastAPI caches it).
-WRITES_TRADES = require(TRADES_WRITE)
 READS_TRADES = require(TRADES_READ)
 READS_REQUESTS = require(REQUESTS_READ)
-UNAVAILABLE: dict[int | str, dict[str, Any]] = {
-    503: problem("A dependency is down; retry after Retry-After", "Retry-After")
-}
 # Path ids are looked up as the id grammar reads them; one outside it is simply not there.
 PathId = Annotated[str, Path(json_schema_extra=ID_SCHEMA)]
 
@@ -62,63 +58,6 @@ def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Resp
 
 def _encoded(status: int, body: bytes, headers: dict[str, str] | None = None) -> Response:
     return Response(body, status, headers=headers, media_type="application/json")
-
-
-@router.post(
-    "/trades",
-    operation_id="submit_trade",
-    status_code=202,
-    response_model=AcceptedOut,
-    responses={
-        202: {
-            "headers": {"Location": HEADERS["Location"]},
-            "links": {
-                "GetRequest": {
-                    "operationId": "get_request",
-                    "parameters": {"request_id": "$response.body#/request_id"},
-                }
-            },
-        },
-        400: problem("Maturity date before today (code MATURITY_PASSED)"),
-        413: problem("Body too large (code PAYLOAD_TOO_LARGE)"),
-        422: problem("Body not JSON (MALFORMED_JSON) or invalid (VALIDATION_ERROR, field)"),
-        **AUTHENTICATED,
-        **OVER_QUOTA,
-        **UNAVAILABLE,
-    },
-    dependencies=[Depends(WRITES_TRADES), quota("writes")],
-)
-async def submit_trade(
-    body: TradeIn,
-    request: Request,
-    services: ServicesDep,
-    settings: SettingsDep,
-    client: Annotated[Client | None, Depends(WRITES_TRADES)],
-) -> Response:
-    """Accept a trade version; 202 once it is durably queued and its request is PENDING."""
-    today = business_today(settings.business_timezone)
-    correlation_id = request.scope["state"]["correlation_id"]
-    message = await accept(
-        services.intake,
-        body.to_domain(today),
-        correlation_id,
-        today,
-        utc_now(),
-        client.id if client else None,
-    )
-    if isinstance(message, Rejected):
-        raise ProblemError(400, message.code.value, message.message, field="maturity_date")
-    trade = message.trade
-    return _json(
-        202,
-        {
-            "request_id": message.request_id,
-            "status": RequestState.PENDING.value,
-            "trade_id": trade.trade_id,
-            "version": trade.version,
-        },
-        {"Location": settings.public_url(f"/api/v1/requests/{message.request_id}")},
-    )
 
 
 @router.get(
@@ -162,6 +101,53 @@ async def get_request(
     if status is None or not sees(client, status):  # another client's: as if unknown
         raise ProblemError(404, "NOT_FOUND", "No such request", field="request_id")
     return _json(200, RequestOut.of(status).model_dump(mode="json"))
+
+
+# GET /api/v1/requests?ids=: as many as the status store reads in one round trip, none empty.
+MAX_IDS = 100
+IDS_PATTERN = rf"^[^,]+(?:,[^,]+){{0,{MAX_IDS - 1}}}$"
+
+
+async def read_statuses(
+    reads: ReadPool, settings: Settings, read: Callable[..., T], *args: Any
+) -> T:
+    """A status store read on the read threads, bounded like a submission: a hung status
+    store is a 503 in time."""
+    timeout_s = settings.produce_timeout_ms / 1000
+    try:
+        return await asyncio.wait_for(reads.run(read, *args), timeout_s)
+    except TimeoutError:
+        raise Unavailable(f"status store did not answer within {timeout_s:g} s") from None
+
+
+@router.get(
+    "/requests",
+    operation_id="get_requests",
+    response_model=RequestsOut,
+    responses={**AUTHENTICATED, **OVER_QUOTA, **UNAVAILABLE},
+    dependencies=[Depends(READS_REQUESTS), quota("reads")],
+)
+async def get_requests(
+    services: ServicesDep,
+    settings: SettingsDep,
+    client: Annotated[Client | None, Depends(READS_REQUESTS)],
+    reads: ReadsDep,
+    ids: Annotated[
+        str, Query(description=f"1 to {MAX_IDS} request ids, comma-separated", pattern=IDS_PATTERN)
+    ],
+) -> Response:
+    """Many submissions' statuses in one call (one status store round trip), in the order
+    asked, each once; `missing` lists the unknown, expired and other clients' ones (and any
+    outside the id grammar, as it reads them)."""
+    asked = list(dict.fromkeys(normalise_id(rid) for rid in ids.split(",")))
+    wanted = [rid for rid in asked if valid_id(rid)]
+    found = await read_statuses(reads, settings, services.statuses.get_many, wanted)
+    shown = {rid: s for rid, s in found.items() if sees(client, s)}
+    body = RequestsOut(
+        requests=[RequestOut.of(shown[rid]) for rid in asked if rid in shown],
+        missing=[rid for rid in asked if rid not in shown],
+    )
+    return _json(200, body.model_dump(mode="json"))
 
 
 def encode_cursor(trade_id: str, version: int) -> str:
@@ -225,9 +211,10 @@ async def list_trades(
 
 
 def _trades_json(rows: list[StoredTrade]) -> bytes:
-    """``TradeOut``'s JSON of each row, built by orjson straight from the rows: 3 ms for a
-    page of 1,000 where pydantic's models took 21 ms of the interpreter, which the event
-    loop acknowledging POSTs shares (tests/unit/test_health.py holds the two equal)."""
+    """``TradeOut``'s JSON of each row, built by orjson straight from the rows (pydantic's
+    models took 7× longer; tests/unit/test_health.py holds the two equal). One trade's
+    versions are encoded here; a page of the listing is encoded by the store itself, to the
+    same bytes (tests/integration/test_encoded_page.py)."""
     return orjson.dumps([_trade_fields(r) for r in rows], option=orjson.OPT_UTC_Z)
 
 
@@ -253,9 +240,8 @@ def _page(
     where: TradeFilter,
     as_of: date,
 ) -> tuple[bytes, tuple[str, int] | None]:
-    """On a read thread: a page of trades, encoded, and the next page's cursor."""
-    rows, following = trade_page(trades, after, limit, where, as_of)
-    return _trades_json(rows), following
+    """On a read thread: a page of trades, encoded by the store, and the next page's cursor."""
+    return trade_page(trades, after, limit, where, as_of)
 
 
 def _versions(trades: TradeReader, trade_id: str, as_of: date) -> bytes | None:

@@ -18,7 +18,7 @@ from pydantic import (
 
 from domain.message import ID_PATTERN, MAX_ID_LENGTH, MAX_VERSION, normalise_id, valid_id
 from domain.ports import StoredTrade
-from domain.status import ReasonCode, RequestState, RequestStatus
+from domain.status import BatchProgress, ReasonCode, RequestState, RequestStatus
 from domain.trade import Trade
 
 
@@ -109,6 +109,26 @@ class AcceptedOut(BaseModel):
     version: int
 
 
+class ItemResult(BaseModel):
+    """One batch item's result: 202 with its request, or a 4xx with the problem."""
+
+    index: int
+    status: int
+    request_id: str | None = None
+    trade_id: str | None = None
+    version: int | None = None
+    problem: dict[str, Any] | None = None
+
+
+class BatchAcceptedOut(BaseModel):
+    """A batch's acknowledgement: every accepted item is durably queued and PENDING."""
+
+    batch_id: str
+    accepted: int
+    rejected: int
+    results: list[ItemResult]
+
+
 class RequestOut(BaseModel):
     """A request's status as the client polls it."""
 
@@ -184,3 +204,46 @@ class Problem(BaseModel):
     code: str
     field: str | None = None
     errors: list[dict[str, object]] | None = None
+
+
+class RequestsOut(BaseModel):
+    """Many requests' statuses at once, in the order asked; ``missing``: those unknown,
+    expired or another client's."""
+
+    requests: list[RequestOut]
+    missing: list[str]
+
+
+class BatchOut(BaseModel):
+    """A batch's progress: ``total`` is its accepted items, each PENDING, SUCCESS or FAILED."""
+
+    batch_id: str
+    total: int
+    pending: int
+    success: int
+    failed: int
+    created_at: datetime
+
+    @classmethod
+    def of(cls, progress: BatchProgress) -> BatchOut:
+        batch = progress.batch
+        return cls(
+            batch_id=batch.batch_id,
+            total=batch.accepted,
+            pending=progress.pending,
+            success=progress.success,
+            failed=progress.failed,
+            created_at=batch.created_at,
+        )
+
+
+class BatchItemOut(BaseModel):
+    """One accepted item of a batch: its position in the batch and its request's status."""
+
+    index: int
+    request_id: str
+    trade_id: str
+    version: int
+    status: RequestState
+    reason_code: ReasonCode | None
+    failure_reason: str | None

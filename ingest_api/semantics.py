@@ -25,6 +25,7 @@ EXPOSED_HEADERS = (
     "Server-Timing",
     "RateLimit",
     "RateLimit-Policy",
+    "Idempotent-Replayed",
 )
 
 

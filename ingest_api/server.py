@@ -28,6 +28,7 @@ from uvicorn.protocols.http.httptools_impl import (
 
 from config.settings import Settings, get_settings
 from ingest_api.metrics import note_refusal
+from ingest_api.middleware import NDJSON
 from ingest_api.problems import problem_response
 
 log = structlog.get_logger("ingest_api")
@@ -106,6 +107,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._header_budget = self._limits.max_header_bytes
         self._timer: asyncio.TimerHandle | None = None
         self._lingering = False
+        self._streaming = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -137,13 +139,19 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             return
         if self._timer is None and not self.transport.is_closing():
             if not self._in_headers:
-                self._arm(self._limits.body_timeout_s)
+                if not self._streaming:
+                    self._arm(self._limits.body_timeout_s)
             elif self._header_budget < self._limits.max_header_bytes:
                 self._arm(self._limits.header_timeout_s)
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
         self._disarm()
+        # An NDJSON stream has no total time: its route bounds each wait for more (idle).
+        self._streaming = any(
+            name == b"content-type" and value.lower().startswith(NDJSON.encode())
+            for name, value in self.headers
+        )
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:

@@ -8,10 +8,12 @@ from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
+from domain.idempotency import KeyRecord
 from domain.message import TradeMessage
-from domain.ports import StoredTrade, TradeFilter, Unavailable
-from domain.status import Outcome, RequestState, RequestStatus
+from domain.ports import EncodedPage, StoredTrade, TradeFilter, Unavailable
+from domain.status import Batch, BatchProgress, Outcome, RequestState, RequestStatus
 from domain.trade import Trade, maturity_passed
+from ingest_api.routes import _trades_json
 
 
 def now() -> datetime:
@@ -82,6 +84,15 @@ class FakeTradeStore:
             out.append(row)
         return out[:limit]
 
+    def encoded_page(
+        self, after: tuple[str, int] | None, limit: int, where: TradeFilter, as_of: date
+    ) -> EncodedPage:
+        """``page`` encoded by the API's own encoder, which the SQL store's JSON matches."""
+        rows = self.page(after, limit + 1, where, as_of)
+        last = rows[:limit][-1].trade if rows else None
+        key = (last.trade_id, last.version) if last else None
+        return EncodedPage(_trades_json(rows[:limit]), key, len(rows) > limit)
+
     def expire(self, as_of: date) -> int:
         self._check()
         count = 0
@@ -130,6 +141,7 @@ class FakeStatusStore:
 
     def __init__(self, ttl: timedelta = timedelta(days=7)) -> None:
         self.items: dict[str, RequestStatus] = {}
+        self.batches: dict[str, Batch] = {}
         self.ttl = ttl
         self.down = False
         self._lock = threading.Lock()
@@ -165,12 +177,59 @@ class FakeStatusStore:
                 if old is not None and old.state is RequestState.PENDING:
                     self.items[o.request_id] = _terminal(o, old)
 
+    async def put_batch(self, batch: Batch) -> None:
+        self._check()
+        with self._lock:
+            self.batches[batch.batch_id] = batch  # a stream's record grows with each chunk
+
     def get(self, request_id: str) -> RequestStatus | None:
         self._check()
         status = self.items.get(request_id)
         if status is None or status.updated_at + self.ttl < now():
             return None
         return status
+
+    def get_many(self, request_ids: Sequence[str]) -> dict[str, RequestStatus]:
+        found = {rid: self.get(rid) for rid in request_ids}
+        return {rid: status for rid, status in found.items() if status is not None}
+
+    def batch_record(self, batch_id: str) -> Batch | None:
+        self._check()
+        batch = self.batches.get(batch_id)
+        if batch is None or batch.created_at + self.ttl < now():
+            return None
+        return batch
+
+    def _of(self, batch_id: str) -> list[RequestStatus]:
+        """The batch's live requests, by batch_index."""
+        with self._lock:
+            mine = [s for s in self.items.values() if s.batch_id == batch_id]
+        live = [s for s in mine if s.updated_at + self.ttl >= now()]
+        return sorted(live, key=lambda s: s.batch_index or 0)
+
+    def batch(self, batch_id: str) -> BatchProgress | None:
+        batch = self.batch_record(batch_id)
+        if batch is None:
+            return None
+        states = [s.state for s in self._of(batch_id)]
+        return BatchProgress(
+            batch,
+            states.count(RequestState.PENDING),
+            states.count(RequestState.SUCCESS),
+            states.count(RequestState.FAILED),
+        )
+
+    def batch_items(
+        self, batch_id: str, state: RequestState | None, after: int | None, limit: int
+    ) -> list[RequestStatus]:
+        self._check()
+        start = -1 if after is None else after
+        wanted = [
+            s
+            for s in self._of(batch_id)
+            if (s.batch_index or 0) > start and (state is None or s.state is state)
+        ]
+        return wanted[:limit]
 
     def ping(self) -> None:
         self._check()
@@ -190,6 +249,8 @@ def _terminal(o: Outcome, old: RequestStatus | None) -> RequestStatus:
         version=old.version,
         created_at=old.created_at,
         client_id=old.client_id,
+        batch_id=old.batch_id,
+        batch_index=old.batch_index,
     )
 
 
@@ -208,3 +269,27 @@ class FakeQueue:
     def ping(self) -> None:
         if self.down:
             raise Unavailable("fake queue is down")
+
+
+class FakeKeys:
+    """Same contract as ``adapters.idempotency.DynamoKeys`` (shared contract tests): a key
+    is claimed once until released or expired; a done claim holds its answer."""
+
+    def __init__(self, ttl: timedelta = timedelta(days=7)) -> None:
+        self.records: dict[str, KeyRecord] = {}
+        self.ttl = ttl
+
+    async def claim(self, record: KeyRecord) -> KeyRecord | None:
+        held = self.records.get(record.key)
+        if held is not None and held.created_at + self.ttl >= now():
+            return held
+        self.records[record.key] = record
+        return None
+
+    async def complete(self, record: KeyRecord) -> None:
+        self.records[record.key] = replace(self.records[record.key], done=True)
+
+    async def release(self, record: KeyRecord) -> None:
+        held = self.records.get(record.key)
+        if held is not None and not held.done and held.fingerprint == record.fingerprint:
+            del self.records[record.key]

@@ -13,6 +13,7 @@ from trade_store_infra.stack import (
     API_KEYS_COMMAND,
     API_KEYS_FILE,
     API_TABLE_ACTIONS,
+    BATCH_INDEX,
     HEALTH_CHECK_PATH,
     RECOVERY_DIR,
     RECOVERY_MOUNT,
@@ -71,6 +72,10 @@ def table_arn(template: Template) -> dict[str, Any]:
     return {"Fn::GetAtt": [only(template, "AWS::DynamoDB::Table")[0], "Arn"]}
 
 
+def index_arn(template: Template) -> dict[str, Any]:
+    return {"Fn::Join": ["", [table_arn(template), f"/index/{BATCH_INDEX}"]]}
+
+
 def statements(template: Template) -> list[tuple[str, dict[str, Any]]]:
     return [
         (policy_id, statement)
@@ -91,10 +96,36 @@ def test_status_table_is_on_demand_with_ttl_and_point_in_time_recovery(dev: Synt
         "AWS::DynamoDB::Table",
         {
             "KeySchema": [{"AttributeName": "request_id", "KeyType": "HASH"}],
-            "AttributeDefinitions": [{"AttributeName": "request_id", "AttributeType": "S"}],
+            "AttributeDefinitions": Match.array_with(
+                [{"AttributeName": "request_id", "AttributeType": "S"}]
+            ),
             "BillingMode": "PAY_PER_REQUEST",
             "TimeToLiveSpecification": {"AttributeName": "expires_at", "Enabled": True},
             "PointInTimeRecoverySpecification": {"PointInTimeRecoveryEnabled": True},
+        },
+    )
+
+
+def test_status_table_has_the_sparse_batch_items_index(dev: Synthesised) -> None:
+    dev.template.has_resource_properties(
+        "AWS::DynamoDB::Table",
+        {
+            "AttributeDefinitions": Match.array_with(
+                [
+                    {"AttributeName": "batch_id", "AttributeType": "S"},
+                    {"AttributeName": "batch_index", "AttributeType": "N"},
+                ]
+            ),
+            "GlobalSecondaryIndexes": [
+                {
+                    "IndexName": "batch_items",
+                    "KeySchema": [
+                        {"AttributeName": "batch_id", "KeyType": "HASH"},
+                        {"AttributeName": "batch_index", "KeyType": "RANGE"},
+                    ],
+                    "Projection": {"ProjectionType": "ALL"},
+                }
+            ],
         },
     )
 
@@ -354,7 +385,7 @@ def test_migration_task_and_it_runs_before_the_services(dev: Synthesised) -> Non
 
 
 def test_dynamodb_access_is_scoped_to_the_status_table(dev: Synthesised) -> None:
-    arn = table_arn(dev.template)
+    arns = [table_arn(dev.template), index_arn(dev.template)]
     dynamo = [
         (policy, s)
         for policy, s in statements(dev.template)
@@ -362,7 +393,7 @@ def test_dynamodb_access_is_scoped_to_the_status_table(dev: Synthesised) -> None
     ]
     assert {policy.split("Task")[0] for policy, _ in dynamo} == {"Api", "Processor", "Migrate"}
     for _, statement in dynamo:
-        assert statement["Resource"] == arn
+        assert statement["Resource"] == arns
         assert "dynamodb:*" not in as_list(statement["Action"])
         assert "Condition" not in statement
     api = next(s for p, s in dynamo if p.startswith("ApiTaskTaskRole"))

@@ -98,10 +98,13 @@ URL_UNSAFE_CHARACTERS = " !\"#$%&'()*+,/:;<=>?@[\\]^`{|}~"
 
 # DynamoDB calls made by adapters/dynamodb.py, per role (nothing else, and only on the table).
 API_TABLE_ACTIONS = [
+    "dynamodb:BatchGetItem",  # GET /api/v1/requests?ids= (get_many)
     "dynamodb:BatchWriteItem",  # PENDING records (put_pending)
     # withdraw a PENDING record when queueing fails; health's write probe (a reserved key)
     "dynamodb:DeleteItem",
-    "dynamodb:GetItem",  # GET /api/v1/requests/{id}
+    "dynamodb:GetItem",  # GET /api/v1/requests/{id}, a batch record
+    "dynamodb:PutItem",  # a batch record (put_batch)
+    "dynamodb:Query",  # a batch's items, on the batch_items index (batch, batch_items)
 ]
 PROCESSOR_TABLE_ACTIONS = [
     "dynamodb:BatchGetItem",  # which outcomes' records are terminal already (complete)
@@ -112,8 +115,11 @@ MIGRATE_TABLE_ACTIONS = [
     # ensure_table(): CreateTable answers ResourceInUseException for the CDK-made table.
     "dynamodb:CreateTable",
     "dynamodb:DescribeTable",
+    "dynamodb:UpdateTable",  # adds the batch_items index to a table made before it
     "dynamodb:UpdateTimeToLive",
 ]
+# The status table's sparse index of batch items (adapters/dynamodb.py BATCH_INDEX).
+BATCH_INDEX = "batch_items"
 
 # MSK broker settings for "ack means durable": acks=all waits for 2 of 3 replicas, and an
 # out-of-sync replica never becomes leader. Topics are created by `trade-store process`.
@@ -398,6 +404,12 @@ class TradeStoreStack(Stack):
             deletion_protection=self.prod,
             removal_policy=self.retain,
         )
+        self.status_table.add_global_secondary_index(
+            index_name=BATCH_INDEX,
+            partition_key=dynamodb.Attribute(name="batch_id", type=dynamodb.AttributeType.STRING),
+            sort_key=dynamodb.Attribute(name="batch_index", type=dynamodb.AttributeType.NUMBER),
+            projection_type=dynamodb.ProjectionType.ALL,
+        )
 
     # --- EFS for Bytewax recovery snapshots ----------------------------------------------
 
@@ -507,9 +519,12 @@ class TradeStoreStack(Stack):
                 logging=ecs.LogDriver.aws_logs(stream_prefix=role, log_group=log_group),
                 **container_options,
             )
-            # This role's calls on the status table, on that table only.
+            # This role's calls on the status table, on that table (and its index) only.
+            table = self.status_table.table_arn
             definition.add_to_task_role_policy(
-                iam.PolicyStatement(actions=table_actions, resources=[self.status_table.table_arn])
+                iam.PolicyStatement(
+                    actions=table_actions, resources=[table, f"{table}/index/{BATCH_INDEX}"]
+                )
             )
             return definition, container
 

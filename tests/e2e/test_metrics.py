@@ -147,6 +147,7 @@ def test_prometheus_scrapes_the_api_and_the_processor(stack: dict[str, Any]) -> 
     wait_for(lambda: workers_seen() == 2, 30, "both API workers answering", every=0)
     bodies = [trade(f"M{i}") for i in range(5)] + [trade("M0", 2), trade("M0", 1)]  # 1 stale
     assert [fresh.post("/api/v1/trades", json=b).status_code for b in bodies] == [202] * 7
+    assert fresh.post("/api/v1/trades/batch", json={"trades": [trade("MB")]}).status_code == 202
     assert client.get("/api/v1/trades/NOPE").status_code == 404
     with sqlite3.connect(settings.data_dir / "inbound.db") as conn:  # one undecodable record
         conn.execute(
@@ -170,19 +171,23 @@ def test_prometheus_scrapes_the_api_and_the_processor(stack: dict[str, Any]) -> 
         'trade_store_api_requests_total{route="/api/v1/trades/{trade_id}",status="404"}'
     )
     assert [s["method"] for s in found] == ["GET"]
-    assert prometheus.value('trade_store_api_ack_duration_seconds_count{job="api"}') == 7
+    acks = prometheus.query('trade_store_api_ack_duration_seconds_count{job="api"}')
+    assert {s["route"]: s["value"] for s in acks} == {
+        "/api/v1/trades": 7,
+        "/api/v1/trades/batch": 1,
+    }
     assert prometheus.value("sum(trade_store_api_request_duration_seconds_bucket{le='+Inf'})")
     assert prometheus.value("trade_store_api_requests_in_flight") is not None
 
     decided = 'trade_store_processor_decisions_total{state="SUCCESS",reason_code=""}'
-    wait_for(lambda: prometheus.value(decided) == 6, 60, "six successes scraped")
+    wait_for(lambda: prometheus.value(decided) == 7, 60, "seven successes scraped")
     stale = 'trade_store_processor_decisions_total{state="FAILED",reason_code="STALE_VERSION"}'
     wait_for(lambda: prometheus.value("trade_store_processor_dead_letters_total") == 1, 10, "dlq")
     assert prometheus.value(stale) == 1
-    assert prometheus.value("trade_store_processor_records_read_total") == 8
-    assert prometheus.value("trade_store_processor_end_to_end_seconds_count") == 7
+    assert prometheus.value("trade_store_processor_records_read_total") == 9
+    assert prometheus.value("trade_store_processor_end_to_end_seconds_count") == 8
     assert prometheus.value("trade_store_processor_commit_duration_seconds_count")
-    assert prometheus.value("trade_store_processor_batch_size_sum") == 7
+    assert prometheus.value("trade_store_processor_batch_size_sum") == 8
     partitions = prometheus.query("trade_store_processor_lag_records")
     assert sorted(s["partition"] for s in partitions) == ["0", "1"]
 

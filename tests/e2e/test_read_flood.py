@@ -41,11 +41,13 @@ CLIENTS = 32
 FLOOD_PATH = "/api/v1/trades?limit=1000"
 # The bound held today: flooded POST p99 under FLOOD_P99_S, or within twice the idle p99
 # when the machine itself is that slow (idle p99s of 4 to 50 ms were seen here from one run
-# to the next; under the suite's coverage tracing, 18 ms idle and 118 ms flooded). Before
-# the read pool it was 170 ms untraced, with health p50 at 636 ms (bounded below at 50 ms).
-# The issue's target, twice the idle p99 (about 10 ms on a quiet machine), is NOT met: a
-# quiet run measured 4 ms idle, 48 ms flooded; reads still share the interpreter lock with
-# the event loop (README, Guarantees).
+# to the next; under the suite's coverage tracing, 18 ms idle and 118 ms flooded, measured
+# before the store encoded pages itself). Before the read pool it was 170 ms untraced, with
+# health p50 at 636 ms (bounded below at 50 ms). The issue's target, twice the idle p99
+# (about 8 ms on a quiet machine), is NOT met: with the store writing each page's JSON (no
+# Python per row), medians of 3 runs measured 4 ms idle, 17 ms flooded (46 ms before); what
+# is left is the event loop's own work per flood request and the two cores the reads'
+# SQLite work and the flood's client share with it (README, Guarantees).
 FLOOD_P99_S = 0.250
 MAX_RSS_KB = 300 * 1024
 

@@ -13,12 +13,13 @@ import uuid
 from datetime import UTC, date, datetime, timedelta
 from urllib.parse import urlsplit
 
+from adapters import wiring
 from adapters.dynamodb import DynamoStatusStore, make_client
 from adapters.intake import BoundedIntake, PendingThenQueue
 from adapters.kafka import KafkaTradeQueue
 from config.settings import Settings
 from domain.message import TradeMessage
-from domain.ports import Unavailable
+from domain.ports import Submission, Unavailable
 from domain.status import RequestState, RequestStatus
 from domain.trade import Trade
 
@@ -78,13 +79,14 @@ async def test_a_frozen_status_store_costs_a_bounded_wait_and_leaves_no_pending(
         make_client(relay.url, migrated.aws_region), migrated.status_table, ttl_days=7
     )
     queue = KafkaTradeQueue(migrated.kafka_bootstrap_servers, migrated.inbound_topic, 5000, 1)
-    intake = BoundedIntake(PendingThenQueue(store, queue), "status store", 30, timeout_s=0.5)
+    claims = wiring.key_claims(migrated)
+    intake = BoundedIntake(PendingThenQueue(store, queue, claims), "status store", 30, 0.5, 30)
     accepted = [pending_and_message(f"T-frozen-{i}") for i in range(requests)]
 
     relay.thawed.clear()
     started = time.monotonic()
     results = await asyncio.gather(
-        *(intake.accept(p, m) for p, m in accepted), return_exceptions=True
+        *(intake.accept(Submission([(p, m)])) for p, m in accepted), return_exceptions=True
     )
     took = time.monotonic() - started
     relay.thawed.set()  # the store resumes: the batch it was sent is written now

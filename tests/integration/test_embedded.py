@@ -22,7 +22,7 @@ from adapters.sqlite_status import SqliteStatusStore
 from config.clock import business_today
 from config.settings import Settings
 from domain.message import TradeMessage, decode
-from domain.ports import Unavailable
+from domain.ports import Submission, Unavailable
 from domain.status import RequestState, RequestStatus
 from domain.trade import Trade
 from tests.conftest import settings_env, unique
@@ -69,7 +69,9 @@ def test_intake_commits_pending_and_log_entry_together(embedded: Settings) -> No
     sent = [message(f"T{i % 5}", i + 1) for i in range(40)]
 
     async def accept() -> None:
-        await asyncio.gather(*(services.intake.accept(pending_of(m), m) for m in sent))
+        await asyncio.gather(
+            *(services.intake.accept(Submission([(pending_of(m), m)])) for m in sent)
+        )
 
     asyncio.run(accept())
     services.close()
@@ -88,7 +90,7 @@ def test_intake_that_cannot_log_leaves_no_pending_record(embedded: Settings) -> 
     conn.execute("ALTER TABLE inbound_log RENAME TO inbound_log_away")
     lost = message("T1", 1)
     with pytest.raises(Unavailable):
-        asyncio.run(services.intake.accept(pending_of(lost), lost))
+        asyncio.run(services.intake.accept(Submission([(pending_of(lost), lost)])))
     services.close()
     assert conn.execute("SELECT count(*) FROM request_status").fetchone() == (0,)
 

@@ -127,7 +127,7 @@ def services_of(settings: Settings) -> Services:
         wiring.trade_store(settings, reads_only=True),
         statuses,
         queue,
-        PendingThenQueue(statuses, queue),
+        PendingThenQueue(statuses, queue, wiring.key_claims(settings)),
         [queue.close, statuses.close],
     )
 

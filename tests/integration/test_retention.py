@@ -31,6 +31,7 @@ from cli.sweeps import RetentionSweeper
 from config.clock import business_today, utc_now
 from config.settings import Settings
 from domain.message import TradeMessage
+from domain.ports import Submission
 from domain.status import RequestState, RequestStatus
 from domain.trade import Trade
 from tests.conftest import settings_env
@@ -301,11 +302,12 @@ def test_the_embedded_data_folder_stays_bounded_under_steady_load(tmp_path: Path
     try:
         for _ in range(5):
             inbound = SqliteInboundLog(log_path, settings.inbound_partitions)
-            intake = SqliteIntake(inbound, SqliteStatusStore(log_path, settings.status_ttl_days))
+            statuses = SqliteStatusStore(log_path, settings.status_ttl_days)
+            intake = SqliteIntake(inbound, statuses, timedelta(days=settings.status_ttl_days))
             sent = [message(tid) for tid in ids]
 
             async def accept(batch: list[TradeMessage], intake: SqliteIntake = intake) -> None:
-                await asyncio.gather(*(intake.accept(pending(m), m) for m in batch))
+                await asyncio.gather(*(intake.accept(Submission([(pending(m), m)])) for m in batch))
 
             asyncio.run(accept(sent))
             intake.close()

@@ -1,11 +1,11 @@
 """The one status contract, on DynamoDB (dynoxide), SQLite and the fake.
 
 Every contract test runs against each implementation (domain.ports.OutcomeWriter and
-StatusReader, with PendingWriter's put_pending; withdraw where there is one): a
+StatusReader, with PendingWriter's put_pending and put_batch; withdraw where there is one): a
 terminal state is never replaced by a different one, a rewrite of a terminal state is
 identical to the byte, a dead letter only moves a PENDING record to FAILED. SQLite takes
-its PENDING records as the embedded intake writes them, and never withdraws one (the
-intake's one transaction leaves nothing to withdraw).
+its PENDING and batch records as the embedded intake writes them, and never withdraws one
+(the intake's one transaction leaves nothing to withdraw).
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from typing import Any, Protocol
 
 import pytest
 
-from adapters.dynamodb import DynamoStatusStore, make_client
-from adapters.sqlite_status import STATUS_SCHEMA, SqliteStatusStore
+from adapters.dynamodb import BATCH_INDEX, BATCH_KEY, DynamoStatusStore, make_client
+from adapters.sqlite_file import write_once
+from adapters.sqlite_status import PUT_BATCH, STATUS_SCHEMA, SqliteStatusStore
 from config.settings import Settings
 from domain.ports import OutcomeWriter, PendingWriter, StatusReader, Unavailable
-from domain.status import Outcome, ReasonCode, RequestState, RequestStatus
+from domain.status import Batch, Outcome, ReasonCode, RequestState, RequestStatus
 from tests.conftest import unique
 from tests.fakes import FakeStatusStore
 from tests.support import write_pending
@@ -39,6 +40,9 @@ class SqlitePending(SqliteStatusStore):
 
     async def put_pending(self, status: RequestStatus) -> None:
         write_pending(self, status)
+
+    async def put_batch(self, batch: Batch) -> None:
+        write_once(self.path, PUT_BATCH, [self.batch_row(batch)], "test")
 
 
 @pytest.fixture(scope="module", params=["dynamodb", "sqlite", "fake"])
@@ -232,7 +236,9 @@ async def test_a_status_file_from_before_authentication_gains_client_id(tmp_path
     at = datetime.now(UTC)
     conn = sqlite3.connect(path)
     with conn:
-        conn.executescript(STATUS_SCHEMA.replace(",\n    client_id TEXT", ""))
+        before = ",\n    client_id TEXT,\n    batch_id TEXT,\n    batch_index INTEGER"
+        assert before in STATUS_SCHEMA
+        conn.executescript(STATUS_SCHEMA.replace(before, ""))
         conn.execute(
             "INSERT INTO request_status VALUES (?, 'PENDING', 'T1', 3, ?, ?, NULL, NULL, ?)",
             (old, at.isoformat(), at.isoformat(), int(at.timestamp()) + 3600),
@@ -242,8 +248,162 @@ async def test_a_status_file_from_before_authentication_gains_client_id(tmp_path
     store.ensure_schema()
     store.ensure_schema()  # and again: nothing left to add
     assert store.get(old).client_id is None  # type: ignore[union-attr]
-    await store.put_pending(replace(pending(new), client_id="feed-1"))
+    await store.put_pending(replace(pending(new), client_id="feed-1", batch_id="b", batch_index=0))
     assert store.get(new).client_id == "feed-1"  # type: ignore[union-attr]
+    await store.put_batch(Batch("b", datetime.now(UTC), 1))
+    assert [s.request_id for s in store.batch_items("b", None, None, 10)] == [new]
+
+
+async def put_batch(
+    store: StatusStore, states: list[RequestState | None], client_id: str | None = "feed-1"
+) -> tuple[Batch, list[str]]:
+    """A batch of ``len(states)`` items, each PENDING, then decided (an outcome) or failed
+    (a dead letter) as ``states`` says (None: left PENDING), PENDING written in reverse
+    order; the batch and its request ids by index."""
+    batch = Batch(unique("b"), datetime.now(UTC), len(states), client_id)
+    rids = [unique("r") for _ in states]
+    for index in reversed(range(len(states))):
+        item = replace(pending(rids[index]), client_id=client_id, batch_id=batch.batch_id)
+        await store.put_pending(replace(item, batch_index=index))
+    await store.put_batch(batch)
+    store.write_outcomes(
+        [
+            logged(rid, state, ReasonCode.STALE_VERSION if state is FAILED else None)
+            for rid, state in zip(rids, states, strict=True)
+            if state is not None
+        ]
+    )
+    return batch, rids
+
+
+SUCCESS, FAILED = RequestState.SUCCESS, RequestState.FAILED
+
+
+async def test_bulk_lookup_leaves_out_missing_and_expired_ids(store: StatusStore) -> None:
+    waiting, done, expired, absent = (unique("r") for _ in range(4))
+    await store.put_pending(pending(waiting))
+    await store.put_pending(pending(done))
+    await store.put_pending(pending(expired, datetime.now(UTC) - timedelta(days=8)))
+    store.write_outcomes([logged(done)])
+    found = store.get_many([waiting, absent, done, expired, waiting])
+    assert {rid: s.state for rid, s in found.items()} == {
+        waiting: RequestState.PENDING,
+        done: RequestState.SUCCESS,
+    }
+    assert found[done] == store.get(done)
+    assert store.get_many([]) == {}
+    hundred = [unique("r") for _ in range(100)]
+    await asyncio.gather(*(store.put_pending(pending(r)) for r in hundred[::2]))
+    assert set(store.get_many(hundred)) == set(hundred[::2])  # BatchGetItem's most, at once
+
+
+async def test_a_batchs_counts_are_its_items_statuses(store: StatusStore) -> None:
+    states: list[RequestState | None] = [SUCCESS, None, FAILED, SUCCESS, None, None, FAILED]
+    batch, rids = await put_batch(store, states)
+    dead = rids[5]
+    store.fail_pending([logged(dead, FAILED, ReasonCode.INVALID_MESSAGE)])
+    states[5] = FAILED
+    await put_batch(store, [SUCCESS, SUCCESS])  # another batch, not counted
+    progress = store.batch(batch.batch_id)
+    assert progress is not None
+    assert progress.batch == batch
+    items = store.batch_items(batch.batch_id, None, None, 1000)
+    assert [s.state for s in items] == [s or RequestState.PENDING for s in states]
+    counted = (progress.pending, progress.success, progress.failed)
+    assert counted == (2, 2, 3)
+    for state, count in zip(RequestState, counted, strict=True):
+        assert sum(s.state is state for s in items) == count
+    assert store.batch(unique("b")) is None
+    assert store.batch_items(unique("b"), None, None, 10) == []
+
+
+async def test_a_batchs_items_page_by_index_in_a_state(store: StatusStore) -> None:
+    states: list[RequestState | None] = [SUCCESS, None, None, FAILED, None, SUCCESS, None]
+    batch, rids = await put_batch(store, states)
+
+    def pages(state: RequestState | None, limit: int) -> list[list[int]]:
+        out: list[list[int]] = []
+        after = None
+        while page := store.batch_items(batch.batch_id, state, after, limit):
+            out.append([s.batch_index for s in page])  # type: ignore[misc]
+            after = page[-1].batch_index
+        return out
+
+    assert pages(None, 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert pages(RequestState.PENDING, 2) == [[1, 2], [4, 6]]
+    assert pages(SUCCESS, 10) == [[0, 5]]
+    assert pages(FAILED, 1) == [[3]]
+    first = store.batch_items(batch.batch_id, None, None, 1)[0]
+    assert (first.request_id, first.batch_id, first.client_id) == (
+        rids[0],
+        batch.batch_id,
+        "feed-1",
+    )
+
+
+async def test_outcomes_and_dead_letters_keep_the_batch_fields(store: StatusStore) -> None:
+    batch, (decided, dead) = await put_batch(store, [SUCCESS, None], client_id=None)
+    store.fail_pending([logged(dead, FAILED, ReasonCode.INVALID_MESSAGE)])
+    for index, rid in enumerate((decided, dead)):
+        got = store.get(rid)
+        assert got is not None
+        assert got.state.terminal
+        assert (got.batch_id, got.batch_index, got.client_id) == (batch.batch_id, index, None)
+    single = unique("r")
+    await store.put_pending(pending(single))
+    store.write_outcomes([logged(single)])
+    assert store.get(single).batch_id is None  # type: ignore[union-attr]
+
+
+async def test_a_batch_record_is_never_a_request_and_expires(store: StatusStore) -> None:
+    batch, _ = await put_batch(store, [None])
+    key = f"batch/{batch.batch_id}"
+    assert store.get(key) is None
+    assert store.get_many([key, batch.batch_id]) == {}
+    old = Batch(unique("b"), datetime.now(UTC) - timedelta(days=8), 0)
+    await store.put_batch(old)
+    assert store.batch(old.batch_id) is None
+
+
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+async def test_the_sweep_deletes_expired_batch_records(store: StatusStore) -> None:
+    """SQLite's sweep does what DynamoDB's TTL does for batch records too."""
+    assert isinstance(store, SqliteStatusStore)
+    old = Batch(unique("b"), datetime.now(UTC) - timedelta(days=8), 0)
+    young, _ = await put_batch(store, [None])
+    await store.put_batch(old)
+    store.delete_expired(datetime.now(UTC))
+    with sqlite3.connect(store.path) as conn:
+        kept = {row[0] for row in conn.execute("SELECT batch_id FROM batches")}
+    assert young.batch_id in kept
+    assert old.batch_id not in kept
+
+
+async def test_the_batch_index_is_added_to_a_table_made_before_it(migrated: Settings) -> None:
+    client = make_client(migrated.dynamodb_endpoint_url, migrated.aws_region)
+    table = unique("before-batches")
+    client.create_table(
+        TableName=table,
+        AttributeDefinitions=[{"AttributeName": "request_id", "AttributeType": "S"}],
+        KeySchema=[{"AttributeName": "request_id", "KeyType": "HASH"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    try:
+        store = DynamoStatusStore(client, table, ttl_days=7)
+        at = datetime.now(UTC)
+        item = replace(pending(unique("r"), at), batch_id="b1", batch_index=4)
+        await store.put_pending(item)  # written before the index exists
+        await store.put_batch(Batch("b1", at, 1))
+        store.ensure_table()
+        indexes = client.describe_table(TableName=table)["Table"]["GlobalSecondaryIndexes"]
+        assert [(i["IndexName"], i["IndexStatus"]) for i in indexes] == [(BATCH_INDEX, "ACTIVE")]
+        assert store.batch_items("b1", None, None, 10) == [item]  # backfilled
+        assert store.batch("b1").pending == 1  # type: ignore[union-attr]
+        assert client.get_item(TableName=table, Key={"request_id": {"S": BATCH_KEY + "b1"}})
+        store.ensure_table()  # and again: nothing left to add
+        store.close()
+    finally:
+        client.delete_table(TableName=table)
 
 
 def test_ensure_table_is_idempotent(status_store: DynamoStatusStore) -> None:

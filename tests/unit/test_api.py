@@ -19,11 +19,11 @@ from config.clock import business_today
 from config.settings import Settings
 from domain.message import TradeMessage
 from domain.ports import Unavailable
-from domain.status import Outcome, ReasonCode, RequestState, RequestStatus
+from domain.status import Batch, Outcome, ReasonCode, RequestState, RequestStatus
 from domain.trade import Trade
 from ingest_api.app import create_app
 from ingest_api.problems import dependency_of
-from tests.fakes import FakeQueue, FakeStatusStore, FakeTradeStore
+from tests.fakes import FakeKeys, FakeQueue, FakeStatusStore, FakeTradeStore
 from tests.support import upsert
 
 TODAY = business_today("UTC")
@@ -42,7 +42,9 @@ def api() -> Iterator[Api]:
     trades, statuses, queue = FakeTradeStore(), FakeStatusStore(), FakeQueue()
     app = create_app(
         Settings(max_body_bytes=1024, retry_after_seconds=7),
-        services=lambda _: Services(trades, statuses, queue, PendingThenQueue(statuses, queue)),
+        services=lambda _: Services(
+            trades, statuses, queue, PendingThenQueue(statuses, queue, FakeKeys())
+        ),
     )
     threshold = gc.get_threshold()
     with TestClient(app) as client:
@@ -298,8 +300,12 @@ def test_openapi_documents_every_route(api: Api) -> None:
     paths = api.client.get("/openapi.json").json()["paths"]
     assert set(paths) == {
         "/api/v1/trades",
+        "/api/v1/trades/batch",
         "/api/v1/trades/{trade_id}",
         "/api/v1/requests/{request_id}",
+        "/api/v1/requests",
+        "/api/v1/batches/{batch_id}",
+        "/api/v1/batches/{batch_id}/items",
         "/api/v1/health",
         "/api/v1/health/live",
     }
@@ -335,7 +341,7 @@ def hung_api(statuses: FakeStatusStore, queue: FakeQueue, **settings: int) -> Te
     app = create_app(
         Settings(profile="services", produce_timeout_ms=300, retry_after_seconds=7, **settings),  # type: ignore[arg-type]
         services=lambda _: Services(
-            FakeTradeStore(), statuses, queue, PendingThenQueue(statuses, queue)
+            FakeTradeStore(), statuses, queue, PendingThenQueue(statuses, queue, FakeKeys())
         ),
     )
     return TestClient(app)
@@ -383,7 +389,7 @@ def test_a_hung_queue_is_503_and_the_pending_record_is_withdrawn() -> None:
 
 
 def test_requests_over_the_waiting_cap_get_429_at_once() -> None:
-    with hung_api(HungStatusStore(), FakeQueue(), max_waiting_requests=1) as client:
+    with hung_api(HungStatusStore(), FakeQueue(), max_in_flight=1) as client:
         waiting = threading.Thread(
             target=client.post, args=("/api/v1/trades",), kwargs={"json": body()}
         )
@@ -395,8 +401,8 @@ def test_requests_over_the_waiting_cap_get_429_at_once() -> None:
         waiting.join()
         after = client.post("/api/v1/trades", json=body())
     assert reply.status_code == 429
-    assert reply.headers["retry-after"] == "7"
-    assert reply.json()["code"] == "TOO_MANY_REQUESTS"
+    assert reply.headers["retry-after"] == "1"  # one trade in flight, none drained yet
+    assert reply.json()["code"] == "OVERLOADED"
     assert took < 0.1
     assert after.status_code == 503  # the cap counts waiting requests, not requests ever made
 
@@ -406,3 +412,138 @@ def test_a_503_names_the_dependency_not_its_error() -> None:
     assert dependency_of(Unavailable("inbound log: database is locked")) == "inbound log"
     assert dependency_of(Unavailable("status store batch_write_item: timeout")) == "status store"
     assert dependency_of(Unavailable("something else")) == "dependency"
+
+
+# --- bulk lookup and batches ---------------------------------------------------------------
+
+
+def test_bulk_lookup_answers_in_the_order_asked_with_the_missing(api: Api) -> None:
+    first, second = (api.client.post("/api/v1/trades", json=body()).json() for _ in range(2))
+    done = Outcome(
+        second["request_id"], "T1", 1, RequestState.SUCCESS, decided_at=datetime.now(UTC)
+    )
+    api.statuses.write_outcomes([done])
+    asked = [second["request_id"], "nope", first["request_id"], second["request_id"], "x" * 65]
+    reply = api.client.get("/api/v1/requests", params={"ids": ",".join(asked)})
+    assert reply.status_code == 200
+    data = reply.json()
+    assert [(r["request_id"], r["status"]) for r in data["requests"]] == [
+        (second["request_id"], "SUCCESS"),
+        (first["request_id"], "PENDING"),
+    ]
+    assert data["requests"][1] == api.client.get(f"/api/v1/requests/{first['request_id']}").json()
+    assert data["missing"] == ["nope", "x" * 65]
+
+
+@pytest.mark.parametrize("ids", [None, "", "a,,b", ",".join(f"r{i}" for i in range(101))])
+def test_bulk_lookup_takes_1_to_100_ids(api: Api, ids: str | None) -> None:
+    reply = api.client.get("/api/v1/requests", params={} if ids is None else {"ids": ids})
+    assert reply.status_code == 422
+    assert reply.headers["content-type"] == "application/problem+json"
+    assert (reply.json()["code"], reply.json()["field"]) == ("VALIDATION_ERROR", "ids")
+    hundred = ",".join(f"r{i}" for i in range(100))
+    assert len(api.client.get("/api/v1/requests", params={"ids": hundred}).json()["missing"]) == 100
+
+
+def seed_batch(statuses: FakeStatusStore, batch_id: str, states: str) -> list[str]:
+    """A batch whose items are in ``states`` (P, S or F each), by index; their request ids."""
+    at = datetime.now(UTC)
+    named = {"P": RequestState.PENDING, "S": RequestState.SUCCESS, "F": RequestState.FAILED}
+    rids = []
+    for index, state in enumerate(states):
+        rid = f"{batch_id}-{index}"
+        failed = named[state] is RequestState.FAILED
+        statuses.items[rid] = RequestStatus(
+            rid,
+            named[state],
+            f"T{index}",
+            1,
+            at,
+            at,
+            ReasonCode.STALE_VERSION if failed else None,
+            "stale" if failed else None,
+            batch_id=batch_id,
+            batch_index=index,
+        )
+        rids.append(rid)
+    statuses.batches[batch_id] = Batch(batch_id, at, len(states))
+    return rids
+
+
+def test_a_batch_counts_its_items_by_state(api: Api) -> None:
+    seed_batch(api.statuses, "b1", "PSFSPP")
+    seed_batch(api.statuses, "b2", "SS")
+    reply = api.client.get("/api/v1/batches/b1")
+    assert reply.status_code == 200
+    data = reply.json()
+    created = datetime.fromisoformat(data.pop("created_at"))
+    assert created == api.statuses.batches["b1"].created_at
+    assert data == {"batch_id": "b1", "total": 6, "pending": 3, "success": 2, "failed": 1}
+    unknown = api.client.get("/api/v1/batches/nope")
+    assert unknown.status_code == 404
+    assert (unknown.json()["code"], unknown.json()["field"]) == ("NOT_FOUND", "batch_id")
+
+
+def test_a_batchs_items_page_by_index_with_link(api: Api) -> None:
+    rids = seed_batch(api.statuses, "b1", "PSFSPPS")
+
+    def walk(url: str) -> list[list[int]]:
+        pages = []
+        while url:
+            reply = api.client.get(url)
+            assert reply.status_code == 200
+            pages.append([item["index"] for item in reply.json()])
+            link = reply.headers.get("link")
+            url = link.split(";")[0].strip("<>") if link else ""
+        return pages
+
+    assert walk("/api/v1/batches/b1/items?limit=3") == [[0, 1, 2], [3, 4, 5], [6]]
+    assert walk("/api/v1/batches/b1/items?state=PENDING&limit=2") == [[0, 4], [5]]
+    assert walk("/api/v1/batches/b1/items?state=SUCCESS") == [[1, 3, 6]]
+    failed = api.client.get("/api/v1/batches/b1/items?state=FAILED").json()
+    assert failed == [
+        {
+            "index": 2,
+            "request_id": rids[2],
+            "trade_id": "T2",
+            "version": 1,
+            "status": "FAILED",
+            "reason_code": "STALE_VERSION",
+            "failure_reason": "stale",
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "field"),
+    [
+        ("after=!!", 400, "after"),
+        ("after=WyJ4Il0", 400, "after"),  # ["x"]
+        ("after=Wy0xXQ", 400, "after"),  # [-1]
+        ("limit=0", 422, "limit"),
+        ("limit=1001", 422, "limit"),
+        ("state=DONE", 422, "state"),
+    ],
+)
+def test_batch_items_reject_bad_paging(api: Api, query: str, status: int, field: str) -> None:
+    seed_batch(api.statuses, "b1", "P")
+    reply = api.client.get(f"/api/v1/batches/b1/items?{query}")
+    assert reply.status_code == status
+    assert reply.json()["field"] == field
+    if status == 400:
+        assert reply.json()["code"] == "INVALID_CURSOR"
+
+
+def test_items_of_an_unknown_batch_are_404(api: Api) -> None:
+    reply = api.client.get("/api/v1/batches/nope/items")
+    assert reply.status_code == 404
+    assert (reply.json()["code"], reply.json()["field"]) == ("NOT_FOUND", "batch_id")
+
+
+@pytest.mark.parametrize("path", ["/requests?ids=a", "/batches/b1", "/batches/b1/items"])
+def test_bulk_reads_are_503_when_the_status_store_is_down(api: Api, path: str) -> None:
+    seed_batch(api.statuses, "b1", "P")
+    api.statuses.down = True
+    reply = api.client.get(f"/api/v1{path}")
+    assert reply.status_code == 503
+    assert reply.headers["retry-after"] == "7"

@@ -32,11 +32,11 @@ from adapters.wiring import Services
 from cli.main import _refuses_auth, main
 from config.clock import business_today
 from config.settings import Settings, get_settings
-from domain.status import RequestState, RequestStatus
+from domain.status import Batch, RequestState, RequestStatus
 from domain.trade import Trade
 from ingest_api import auth
 from ingest_api.app import create_app
-from tests.fakes import FakeQueue, FakeStatusStore, FakeTradeStore
+from tests.fakes import FakeKeys, FakeQueue, FakeStatusStore, FakeTradeStore
 from tests.support import upsert
 
 TODAY = business_today("UTC")
@@ -47,6 +47,9 @@ ROUTES = {  # route -> the scope it needs, and its answer when held
     ("GET", "/api/v1/trades"): (auth.TRADES_READ, 200),
     ("GET", "/api/v1/trades/T1"): (auth.TRADES_READ, 200),
     ("GET", "/api/v1/requests/{own}"): (auth.REQUESTS_READ, 200),
+    ("GET", "/api/v1/requests?ids={own}"): (auth.REQUESTS_READ, 200),
+    ("GET", "/api/v1/batches/{own_batch}"): (auth.REQUESTS_READ, 200),
+    ("GET", "/api/v1/batches/{own_batch}/items"): (auth.REQUESTS_READ, 200),
 }
 
 
@@ -69,6 +72,11 @@ def request_of(client_id: str) -> str:
     return f"r-{client_id}"
 
 
+def batch_of(client_id: str) -> str:
+    """The id of the batch seeded as submitted by ``client_id`` (its one item: the request)."""
+    return f"b-{client_id}"
+
+
 @dataclass
 class Api:
     http: TestClient
@@ -76,7 +84,7 @@ class Api:
     queue: FakeQueue
 
     def call(self, method: str, path: str, headers: dict[str, str], owner: str) -> Any:
-        path = path.replace("{own}", request_of(owner))
+        path = path.replace("{own}", request_of(owner)).replace("{own_batch}", batch_of(owner))
         if method == "POST":
             return self.http.post(path, json=trade_body(), headers=headers)
         return self.http.get(path, headers=headers)
@@ -91,12 +99,16 @@ def running(settings: Settings) -> Iterator[Api]:
     at = datetime.now(UTC)
     for owner in [*(client_of(s) for s in auth.SCOPES), "writer", "other", None]:
         rid = request_of(str(owner))
+        batch = Batch(batch_of(str(owner)), at, 1, owner)
         statuses.items[rid] = RequestStatus(
-            rid, RequestState.PENDING, "T1", 1, at, at, client_id=owner
+            rid, RequestState.PENDING, "T1", 1, at, at, None, None, owner, batch.batch_id, 0
         )
+        statuses.batches[batch.batch_id] = batch
     app = create_app(
         settings,
-        services=lambda _: Services(trades, statuses, queue, PendingThenQueue(statuses, queue)),
+        services=lambda _: Services(
+            trades, statuses, queue, PendingThenQueue(statuses, queue, FakeKeys())
+        ),
     )
     threshold = gc.get_threshold()
     with TestClient(app) as http:
@@ -303,6 +315,33 @@ def test_a_client_sees_only_its_own_requests(mode: tuple[Api, Any]) -> None:
     auditor = credentials(client_of(auth.REQUESTS_READ_ANY), auth.REQUESTS_READ_ANY)
     assert api.http.get(location, headers=auditor).json()["status"] == "PENDING"
     assert api.http.get("/api/v1/requests/r-None", headers=auditor).status_code == 200
+
+
+def test_a_client_sees_only_its_own_requests_in_bulk_and_its_own_batches(
+    mode: tuple[Api, Any],
+) -> None:
+    """Another client's requests are missing and its batches unknown, like those that do
+    not exist; ``requests:read:any`` sees them all."""
+    api, credentials = mode
+    as_writer = credentials("writer", "requests:read")
+    ids = ",".join([request_of("other"), request_of("writer"), "no-such-request"])
+    bulk = api.http.get(f"/api/v1/requests?ids={ids}", headers=as_writer).json()
+    assert [r["request_id"] for r in bulk["requests"]] == [request_of("writer")]
+    assert bulk["missing"] == [request_of("other"), "no-such-request"]
+    for path in ("/api/v1/batches/{}", "/api/v1/batches/{}/items"):
+        theirs = api.http.get(path.format(batch_of("other")), headers=as_writer)
+        unknown = api.http.get(path.format("no-such-batch"), headers=as_writer)
+        assert theirs.status_code == unknown.status_code == 404
+        assert theirs.json() == unknown.json()
+        mine = api.http.get(path.format(batch_of("writer")), headers=as_writer)
+        assert mine.status_code == 200
+    items = api.http.get(f"/api/v1/batches/{batch_of('writer')}/items", headers=as_writer)
+    assert [i["request_id"] for i in items.json()] == [request_of("writer")]
+    auditor = credentials(client_of(auth.REQUESTS_READ_ANY), auth.REQUESTS_READ_ANY)
+    everyone = api.http.get(f"/api/v1/requests?ids={ids}", headers=auditor).json()
+    assert everyone["missing"] == ["no-such-request"]
+    progress = api.http.get(f"/api/v1/batches/{batch_of('other')}", headers=auditor).json()
+    assert (progress["total"], progress["pending"]) == (1, 1)
 
 
 def test_the_client_outlives_the_outcome(mode: tuple[Api, Any]) -> None:

@@ -28,7 +28,7 @@ from domain.ports import StoredTrade, Unavailable
 from domain.trade import Trade
 from ingest_api.app import create_app
 from ingest_api.schemas import ID_SCHEMA
-from tests.fakes import FakeQueue, FakeStatusStore, FakeTradeStore
+from tests.fakes import FakeKeys, FakeQueue, FakeStatusStore, FakeTradeStore
 from tests.support import upsert
 
 TODAY = business_today("UTC")
@@ -51,7 +51,7 @@ def serve() -> Iterator[Serve]:
                     trades if trades is not None else FakeTradeStore(),
                     statuses,
                     queue,
-                    PendingThenQueue(statuses, queue),
+                    PendingThenQueue(statuses, queue, FakeKeys()),
                 ),
             )
             return clients.enter_context(TestClient(app, follow_redirects=False))

@@ -10,7 +10,7 @@ import pytest
 from botocore.stub import Stubber
 from structlog.testing import capture_logs
 
-from adapters.dynamodb import DynamoStatusStore
+from adapters.dynamodb import BATCH_INDEX, DynamoStatusStore
 
 TABLE = "trade-requests"
 TTL_SPEC = {"Enabled": True, "AttributeName": "expires_at"}
@@ -28,7 +28,9 @@ def stubbed() -> Iterator[tuple[DynamoStatusStore, Stubber]]:
     )
     with Stubber(client) as stubber:
         stubber.add_client_error("create_table", "ResourceInUseException")
-        stubber.add_response("describe_table", {"Table": {"TableStatus": "ACTIVE"}})
+        index = {"IndexName": BATCH_INDEX, "IndexStatus": "ACTIVE"}
+        table = {"TableStatus": "ACTIVE", "GlobalSecondaryIndexes": [index]}
+        stubber.add_response("describe_table", {"Table": table})
         store = DynamoStatusStore(client, TABLE, ttl_days=7, writers=1)
         yield store, stubber
         store.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -15,17 +16,17 @@ import orjson
 import pytest
 from fastapi.testclient import TestClient
 
-from adapters.intake import Overloaded, PendingThenQueue
+from adapters.intake import PendingThenQueue
 from adapters.wiring import Services
 from config.settings import Settings
-from domain.ports import StoredTrade, TradeFilter, Unavailable
+from domain.ports import Overloaded, StoredTrade, TradeFilter, Unavailable
 from domain.trade import Trade
 from ingest_api.app import create_app
 from ingest_api.health import Probe
-from ingest_api.reads import ReadPool
+from ingest_api.reads import READ_NICENESS, ReadPool
 from ingest_api.routes import _trades_json
 from ingest_api.schemas import TradeOut
-from tests.fakes import FakeQueue, FakeStatusStore, FakeTradeStore
+from tests.fakes import FakeKeys, FakeQueue, FakeStatusStore, FakeTradeStore
 
 
 class CountedTradeStore(FakeTradeStore):
@@ -60,7 +61,9 @@ def client_of(trades: FakeTradeStore, **settings: float) -> Iterator[TestClient]
     statuses, queue = FakeStatusStore(), FakeQueue()
     app = create_app(
         Settings(retry_after_seconds=7, **settings),  # type: ignore[arg-type]
-        services=lambda _: Services(trades, statuses, queue, PendingThenQueue(statuses, queue)),
+        services=lambda _: Services(
+            trades, statuses, queue, PendingThenQueue(statuses, queue, FakeKeys())
+        ),
     )
     threshold = gc.get_threshold()
     with TestClient(app) as client:
@@ -152,6 +155,15 @@ async def test_reads_over_the_pool_bound_are_overloaded_at_once() -> None:
     pool.close()
 
 
+async def test_reads_run_at_a_lower_scheduling_priority_than_the_event_loop() -> None:
+    pool = ReadPool(threads=1, max_waiting=0)
+    ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    theirs = await pool.run(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    assert theirs == min(ours + READ_NICENESS, 19)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == ours
+    pool.close()
+
+
 def test_a_read_over_the_bound_is_429_with_retry_after(trades: CountedTradeStore) -> None:
     trades.gate.clear()
     with (
@@ -163,7 +175,7 @@ def test_a_read_over_the_bound_is_429_with_retry_after(trades: CountedTradeStore
         reply = client.get("/api/v1/trades")
         assert reply.status_code == 429
         assert reply.headers["retry-after"] == "7"
-        assert reply.json()["code"] == "TOO_MANY_REQUESTS"
+        assert reply.json()["code"] == "OVERLOADED"
         assert client.get("/api/v1/health/live").status_code == 200  # not a read
         trades.gate.set()
         assert [f.result().status_code for f in held] == [200, 200]

@@ -4,6 +4,8 @@ the multiprocess directory ``serve`` prepares, and the lag arithmetic of the pro
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -22,7 +24,9 @@ from ingest_api.app import create_app
 from ingest_api.metrics import refusal_cause
 from ingest_api.metrics_dir import MULTIPROC_ENV, shared_across
 from sinks.metrics import count_decided, kafka_lag
-from tests.fakes import FakeQueue, FakeStatusStore, FakeTradeStore
+from tests.fakes import FakeKeys, FakeQueue, FakeStatusStore, FakeTradeStore
+from tests.unit.test_api import HungStatusStore, hung_api
+from tests.unit.test_api import body as trade_body
 
 
 def sample(name: str, **labels: str) -> float:
@@ -37,7 +41,7 @@ def client(tmp_path: Path) -> Iterator[tuple[TestClient, FakeStatusStore]]:
     app = create_app(
         Settings(auth="api-key", api_keys_file=keys, quota_reads_per_second=1),
         services=lambda _: Services(
-            FakeTradeStore(), statuses, queue, PendingThenQueue(statuses, queue)
+            FakeTradeStore(), statuses, queue, PendingThenQueue(statuses, queue, FakeKeys())
         ),
     )
     with TestClient(app) as c:
@@ -95,7 +99,7 @@ def test_a_503_is_counted_by_the_dependency_it_names() -> None:
     app = create_app(
         settings,
         services=lambda _: Services(
-            FakeTradeStore(), statuses, queue, PendingThenQueue(statuses, queue)
+            FakeTradeStore(), statuses, queue, PendingThenQueue(statuses, queue, FakeKeys())
         ),
     )
     maturity = (business_today("UTC") + timedelta(days=5)).isoformat()
@@ -114,11 +118,47 @@ def test_a_503_is_counted_by_the_dependency_it_names() -> None:
     )
 
 
+def test_single_and_batch_submissions_are_acked_under_their_templates() -> None:
+    statuses, queue = FakeStatusStore(), FakeQueue()
+    app = create_app(
+        Settings(auth="none"),
+        services=lambda _: Services(
+            FakeTradeStore(), statuses, queue, PendingThenQueue(statuses, queue, FakeKeys())
+        ),
+    )
+    maturity = (business_today("UTC") + timedelta(days=5)).isoformat()
+    good = {"trade_id": "T", "version": 1, "counterparty_id": "C", "book_id": "B"}
+    good["maturity_date"] = maturity
+    routes = ("/api/v1/trades", "/api/v1/trades/batch")
+    before = {r: sample("trade_store_api_ack_duration_seconds_count", route=r) for r in routes}
+    with TestClient(app) as c:
+        assert c.post("/api/v1/trades", json=good).status_code == 202
+        assert c.post("/api/v1/trades/batch", json={"trades": [good]}).status_code == 202
+        in_part = {"trades": [good, {**good, "version": 0}]}  # one item refused: 207
+        assert c.post("/api/v1/trades/batch", json=in_part).status_code == 207
+    after = {r: sample("trade_store_api_ack_duration_seconds_count", route=r) for r in routes}
+    assert after == {routes[0]: before[routes[0]] + 1, routes[1]: before[routes[1]] + 2}
+
+
+def test_an_overloaded_intake_is_counted_as_overloaded() -> None:
+    before = sample("trade_store_api_refusals_total", status="429", cause="overloaded")
+    with hung_api(HungStatusStore(), FakeQueue(), max_in_flight=1) as client:
+        waiting = threading.Thread(
+            target=client.post, args=("/api/v1/trades",), kwargs={"json": trade_body()}
+        )
+        waiting.start()
+        time.sleep(0.1)  # the first request now waits on the status store
+        reply = client.post("/api/v1/trades", json=trade_body())
+        waiting.join()
+    assert reply.json()["code"] == "OVERLOADED"
+    assert sample("trade_store_api_refusals_total", status="429", cause="overloaded") == before + 1
+
+
 @pytest.mark.parametrize(
     ("status", "body", "state", "cause"),
     [
         (429, b'{"code":"RATE_LIMITED"}', {}, "rate_limited"),
-        (429, b'{"code":"TOO_MANY_REQUESTS"}', {}, "waiting"),
+        (429, b'{"code":"OVERLOADED"}', {}, "overloaded"),
         (503, b'{"code":"SERVICE_UNAVAILABLE"}', {"refusal_cause": "status store"}, "status store"),
         (503, b'{"status":"degraded","db":"ok"}', {}, "degraded"),
         (503, b"not json", {}, "degraded"),

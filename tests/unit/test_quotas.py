@@ -19,10 +19,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from adapters.intake import PendingThenQueue
 from adapters.wiring import Services
 from config.settings import Settings
-from ingest_api import routes
+from ingest_api import routes, submissions
 from ingest_api.app import create_app
 from ingest_api.quotas import Buckets, Quotas, shape
-from tests.fakes import FakeQueue, FakeStatusStore, FakeTradeStore
+from tests.fakes import FakeKeys, FakeQueue, FakeStatusStore, FakeTradeStore
 from tests.unit.test_api import body
 
 
@@ -106,11 +106,13 @@ def start() -> Iterator[Callable[..., Api]]:
         config = Settings(**settings)
         app = create_app(
             config,
-            services=lambda _: Services(trades, statuses, queue, PendingThenQueue(statuses, queue)),
+            services=lambda _: Services(
+                trades, statuses, queue, PendingThenQueue(statuses, queue, FakeKeys())
+            ),
         )
         # The routes' own authentication would say "no client" (auth is off): let the
         # stand-in's client through instead.
-        for authorize in (routes.WRITES_TRADES, routes.READS_TRADES, routes.READS_REQUESTS):
+        for authorize in (submissions.WRITES_TRADES, routes.READS_TRADES, routes.READS_REQUESTS):
             app.dependency_overrides[authorize] = stand_in_client
         clock = Clock()
         if not real_clock:
