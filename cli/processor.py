@@ -31,7 +31,7 @@ from config.settings import Settings, get_settings
 from dataflows.trades import build_flow
 from domain.dead_letter import DeadLetter
 from sinks.dead_letter import KafkaDeadLetterSink, SqliteDeadLetterSink
-from sinks.metrics import QueueLag, kafka_lag, kafka_watermarks, log_backlog
+from sinks.metrics import QueueLag, SnapshotReader, kafka_lag, kafka_watermarks, log_backlog
 from sources.kafka import KAFKA_STEP, kafka_inbound
 from sources.sqlite_log import SqliteLogSource
 
@@ -72,19 +72,18 @@ def serve_metrics(settings: Settings, flow_id: str, process_id: int) -> Callable
     stops it."""
     if settings.embedded:
         path, partitions = wiring.inbound_log_path(settings), settings.inbound_partitions
-        step_id = f"{flow_id}.{INBOUND_STEP}"
+        snapshots = SnapshotReader(settings.recovery_path, f"{flow_id}.{INBOUND_STEP}")
         lag = QueueLag(
-            settings.recovery_path,
-            step_id,
+            snapshots,
             lambda positions: log_backlog(path, partitions, positions),
             int,
         )
     else:
         admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
         topic = settings.inbound_topic
+        snapshots = SnapshotReader(settings.recovery_path, f"{flow_id}.{KAFKA_STEP}.kafka_input")
         lag = QueueLag(
-            settings.recovery_path,
-            f"{flow_id}.{KAFKA_STEP}.kafka_input",
+            snapshots,
             lambda positions: kafka_lag(kafka_watermarks(admin, topic), positions),
             lambda key: int(key.split("-", 1)[0]),  # Bytewax's "<partition>-<topic>"
         )
@@ -97,6 +96,7 @@ def serve_metrics(settings: Settings, flow_id: str, process_id: int) -> Callable
         server.shutdown()
         thread.join()
         REGISTRY.unregister(lag)
+        snapshots.close()
 
     return stop
 

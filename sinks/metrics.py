@@ -6,15 +6,22 @@ Counted where the dataflow reads (``dataflows.trades.decode_batch``), decides an
 (``sinks.stores``). How far behind the queue the processor is, and how old its last
 recovery snapshot is, are read at each scrape from the recovery store and the queue, so
 they are right even while the dataflow is stuck.
+
+The recovery store is read in a child process (``SnapshotReader``), never in this one:
+Bytewax links its own copy of SQLite, and closing a connection of Python's copy to the
+same file drops the POSIX locks Bytewax's copy holds on it (one lock table per process),
+which SQLite documents as a way to corrupt a database.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import pickle
 import sqlite3
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -148,6 +155,22 @@ def kafka_watermarks(
     return {p: (low[p], high[p]) for p in high}
 
 
+class SnapshotReader:
+    """``latest_snapshots`` of one step, run in a child process of its own (see above)."""
+
+    def __init__(self, recovery_dir: Path, step_id: str, timeout_s: float = 5.0) -> None:
+        self._args = (recovery_dir, step_id)
+        self._timeout_s = timeout_s
+        # Spawned, not forked: this process runs threads (Bytewax's, the HTTP server's).
+        self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+    def __call__(self) -> tuple[dict[str, Any], datetime | None]:
+        return self._pool.submit(latest_snapshots, *self._args).result(self._timeout_s)
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+
 class QueueLag(Collector):
     """``trade_store_processor_lag_records{partition}`` and
     ``trade_store_processor_snapshot_age_seconds``, computed at each scrape.
@@ -160,14 +183,12 @@ class QueueLag(Collector):
 
     def __init__(
         self,
-        recovery_dir: Path,
-        step_id: str,
+        snapshots: Callable[[], tuple[dict[str, Any], datetime | None]],
         backlog: Callable[[dict[int, int]], dict[int, int]],
         partition_of: Callable[[str], int],
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self._recovery_dir = recovery_dir
-        self._step_id = step_id
+        self._snapshots = snapshots
         self._backlog = backlog
         self._partition_of = partition_of
         self._clock = clock
@@ -183,7 +204,7 @@ class QueueLag(Collector):
             "Seconds since the last recovery snapshot was written",
         )
         try:
-            states, newest = latest_snapshots(self._recovery_dir, self._step_id)
+            states, newest = self._snapshots()
             positions = {
                 self._partition_of(key): value
                 for key, value in states.items()

@@ -3,11 +3,16 @@ the multiprocess directory ``serve`` prepares, and the lag arithmetic of the pro
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pickle
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,7 +28,7 @@ from domain.status import Outcome, ReasonCode, RequestState, RequestStatus
 from ingest_api.app import create_app
 from ingest_api.metrics import refusal_cause
 from ingest_api.metrics_dir import MULTIPROC_ENV, shared_across
-from sinks.metrics import count_decided, kafka_lag
+from sinks.metrics import SnapshotReader, count_decided, kafka_lag, latest_snapshots
 from tests.fakes import FakeKeys, FakeQueue, FakeStatusStore, FakeTradeStore
 from tests.unit.test_api import HungStatusStore, hung_api
 from tests.unit.test_api import body as trade_body
@@ -217,3 +222,45 @@ def test_decisions_are_counted_by_state_and_reason() -> None:
         sample("trade_store_processor_decisions_total", state=stale[0], reason_code=stale[1])
         == before_stale + 1
     )
+
+
+def locked_elsewhere(path: Path) -> bool:
+    """Whether another process finds byte 2**32 of ``path`` locked."""
+    probe = (
+        "import fcntl, os, sys\n"
+        f"fd = os.open({str(path)!r}, os.O_RDWR)\n"
+        "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 2**32)\n"
+        "except OSError:\n    sys.exit(1)\n"
+    )
+    return subprocess.run([sys.executable, "-c", probe], check=False).returncode == 1
+
+
+def test_the_recovery_store_is_read_without_dropping_the_processors_locks(
+    tmp_path: Path,
+) -> None:
+    """Bytewax's own SQLite copy holds POSIX locks on its recovery files; a connection of
+    Python's copy, closed in the same process, drops them (one lock table per process).
+    SnapshotReader reads in a child, so a lock this process holds stays held."""
+    part = tmp_path / "part-0.sqlite3"
+    with sqlite3.connect(part) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE snaps (step_id, state_key, snap_epoch, ser_change, created_at)")
+        conn.execute(
+            "INSERT INTO snaps VALUES ('f.s', '0', 3, ?, '2026-12-01T23:00:00')",
+            (pickle.dumps(41),),
+        )
+    conn.close()
+    fd = os.open(part, os.O_RDWR)  # as Bytewax's connection holds it
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH, 1, 2**32)
+        assert locked_elsewhere(part)
+        reader = SnapshotReader(tmp_path, "f.s")
+        try:
+            assert reader() == ({"0": 41}, datetime(2026, 12, 1, 23, tzinfo=UTC))
+        finally:
+            reader.close()
+        assert locked_elsewhere(part)  # still ours
+        latest_snapshots(tmp_path, "f.s")  # in this process: the lock is gone
+        assert not locked_elsewhere(part)
+    finally:
+        os.close(fd)
