@@ -261,7 +261,12 @@ def _envelope(raw: bytes, most: int) -> list[Any]:
                                 "type": "array",
                                 "minItems": 1,
                                 "description": "1 to BATCH_MAX_ITEMS (1000) trades",
-                                "items": {"$ref": "#/components/schemas/TradeIn"},
+                                # Any value: each is read as a TradeIn, and one
+                                # that is not is refused in its result (207).
+                                "items": {
+                                    "description": "A trade (schema TradeIn); an item that"
+                                    " is not one is refused in its own result, 400 or 422"
+                                },
                             }
                         },
                     },
