@@ -24,7 +24,7 @@ from adapters.batching import resolve
 from config.logs import kafka_logger
 from domain.deadline import DEADLINE_HEADER, appended_late, deadline_ms
 from domain.message import TradeMessage, encode
-from domain.ports import Unavailable
+from domain.ports import Overloaded, Unavailable
 
 # The broker stamps each message with the time it appended it: the stamp the dataflow
 # compares with the message's deadline (domain.deadline), also in the delivery report.
@@ -145,7 +145,9 @@ class KafkaTradeQueue:
                 headers=headers_of(message, deadline),
                 on_delivery=partial(self._delivered, acked, deadline),
             )
-        except (BufferError, KafkaException) as exc:
+        except BufferError as exc:  # librdkafka's own queue is full: overload, not outage
+            raise Overloaded(f"queue: producer queue full ({exc})", 1) from exc
+        except KafkaException as exc:
             raise Unavailable(f"queue refused the message: {exc}") from exc
         await acked
 

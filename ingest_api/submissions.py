@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import orjson
+import structlog
 from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
 from starlette.responses import Response
@@ -37,6 +38,7 @@ from ingest_api.problems import (
 from ingest_api.quotas import OVER_QUOTA, RateLimited, charge, quota
 from ingest_api.schemas import AcceptedOut, BatchAcceptedOut, TradeIn
 
+log = structlog.get_logger("ingest_api")
 router = APIRouter(prefix="/api/v1")
 WRITES_TRADES = require(TRADES_WRITE)
 WRITER = Annotated[Client | None, Depends(WRITES_TRADES)]
@@ -259,7 +261,12 @@ def _envelope(raw: bytes, most: int) -> list[Any]:
                                 "type": "array",
                                 "minItems": 1,
                                 "description": "1 to BATCH_MAX_ITEMS (1000) trades",
-                                "items": {"$ref": "#/components/schemas/TradeIn"},
+                                # Any value: each is read as a TradeIn, and one
+                                # that is not is refused in its result (207).
+                                "items": {
+                                    "description": "A trade (schema TradeIn); an item that"
+                                    " is not one is refused in its own result, 400 or 422"
+                                },
                             }
                         },
                     },
@@ -285,7 +292,7 @@ async def submit_batch(
                 "A stream's answer is too long to replay; resume it from its last result",
                 field=IDEMPOTENCY_KEY,
             )
-        return NdjsonStream(services, settings, _arrival(request, settings, client), request)
+        return NdjsonStream(services, settings, client, request)
     if kind != "application/json":
         raise ProblemError(415, "UNSUPPORTED_MEDIA_TYPE", "Send application/json or " + NDJSON)
     trades = _envelope(await request.body(), settings.batch_max_items)
@@ -305,13 +312,10 @@ async def submit_batch(
     return await _submitted(request, services, admitted, arrival, answer, batch)
 
 
-def _batch(
-    arrival: Arrival, admitted: Admitted, batch_id: str | None = None, before: int = 0
-) -> Batch:
-    """The batch record once ``admitted`` is in (a stream's: with the ``before`` accepted
-    in its earlier chunks)."""
-    accepted = before + sum(1 for _, m in admitted if isinstance(m, TradeMessage))
-    return Batch(batch_id or str(uuid.uuid4()), arrival.now, accepted, arrival.client_id)
+def _batch(arrival: Arrival, admitted: Admitted) -> Batch:
+    """A JSON batch's record: a new id, and how many of its items were admitted."""
+    accepted = sum(1 for _, m in admitted if isinstance(m, TradeMessage))
+    return Batch(str(uuid.uuid4()), arrival.now, accepted, arrival.client_id)
 
 
 # An NDJSON stream is taken in a chunk of lines at a time: what arrived, up to this many.
@@ -330,13 +334,14 @@ class NdjsonStream(Response):
     media_type = NDJSON
 
     def __init__(
-        self, services: Any, settings: Settings, arrival: Arrival, request: Request
+        self, services: Any, settings: Settings, client: Client | None, request: Request
     ) -> None:
         super().__init__(status_code=200, media_type=NDJSON)
         self._services = services
         self._settings = settings
-        self._arrival = arrival
+        self._client = client
         self._request = request
+        self._started = utc_now()
         self.batch_id = str(uuid.uuid4())
         self._admitted = 0
 
@@ -361,6 +366,7 @@ class NdjsonStream(Response):
             while in_flight:
                 await _answer(send, await in_flight.pop(0), counts)
         except (Unavailable, Overloaded, RateLimited, TimeoutError) as exc:
+            log.warning("stream stopped", batch_id=self.batch_id, error=repr(exc))
             summary["error"] = _stream_error(exc)
         finally:
             for task in in_flight:
@@ -371,12 +377,14 @@ class NdjsonStream(Response):
     async def _take_in(self, lines: list[tuple[int, bytes | None]]) -> list[dict[str, Any]]:
         """One chunk: parsed, admitted, durable (waiting for room while the worker is
         overloaded or the client over quota, up to ``STREAM_PATIENCE_S``); its results.
-        The batch record counts the chunks admitted so far."""
-        arrival = self._arrival
+        The batch record counts the chunks admitted so far. Each chunk arrives when it is
+        read: its trades' queue deadline counts from then, not from the stream's start."""
+        arrival = _arrival(self._request, self._settings, self._client)
         parsed = {n: _parse_line(raw, arrival) for n, raw in lines}
         admitted = admit(((n, t) for n, t in parsed.items() if isinstance(t, Trade)), arrival)
-        batch = _batch(arrival, admitted, self.batch_id, self._admitted)
-        self._admitted = batch.accepted
+        accepted = self._admitted + sum(1 for _, m in admitted if isinstance(m, TradeMessage))
+        batch = Batch(self.batch_id, self._started, accepted, arrival.client_id)
+        self._admitted = accepted
         waited = 0.0
         while True:
             try:
