@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Annotated, Any
 
 import orjson
@@ -363,10 +364,12 @@ class NdjsonStream(Response):
         """One chunk: parsed, admitted, durable (waiting for room while the worker is
         overloaded or the client over quota, up to ``STREAM_PATIENCE_S``); its results.
         The batch record counts the chunks admitted so far."""
-        arrival = self._arrival
+        # Each chunk arrives now: its trades' produce deadline counts from here, not from
+        # the stream's start (else every trade after PRODUCE_TIMEOUT_MS would be late).
+        arrival = replace(self._arrival, now=utc_now())
         parsed = {n: _parse_line(raw, arrival) for n, raw in lines}
         admitted = admit(((n, t) for n, t in parsed.items() if isinstance(t, Trade)), arrival)
-        batch = _batch(arrival, admitted, self.batch_id, self._admitted)
+        batch = _batch(self._arrival, admitted, self.batch_id, self._admitted)
         self._admitted = batch.accepted
         waited = 0.0
         while True:
