@@ -9,6 +9,7 @@ Services: the key claimed, PENDING in the status store, then the trades in the q
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -222,7 +223,9 @@ class BoundedIntake:
         self._what = what
         self._max_in_flight = max_in_flight
         self._timeout_s = timeout_s
-        self._most_s = most_s
+        # Whatever is in flight is answered within timeout_s: no refused caller need wait
+        # longer (with no drain observed yet, e.g. just started, the rate alone says most_s).
+        self._most_s = min(most_s, math.ceil(timeout_s))
         self._keys: set[str] = set()
         self._drained = DrainRate()
         self.in_flight = 0
