@@ -167,9 +167,9 @@ def test_prometheus_scrapes_the_api_and_the_processor(stack: dict[str, Any]) -> 
             if s.name == "trade_store_api_requests_total" and s.labels == accepted
         ]
         assert samples == [7]
-    found = prometheus.query(
-        'trade_store_api_requests_total{route="/api/v1/trades/{trade_id}",status="404"}'
-    )
+    not_found = 'trade_store_api_requests_total{route="/api/v1/trades/{trade_id}",status="404"}'
+    wait_for(lambda: bool(prometheus.query(not_found)), 30, "the 404 scraped")
+    found = prometheus.query(not_found)
     assert [s["method"] for s in found] == ["GET"]
     acks = prometheus.query('trade_store_api_ack_duration_seconds_count{job="api"}')
     assert {s["route"]: s["value"] for s in acks} == {
