@@ -30,7 +30,7 @@ class Batcher(Generic[T]):
     SQLite, and to let batches fill while one is in flight); a failed write fails every
     item of its batch. A caller that gives up (is cancelled) while its item still waits
     takes the item out of the queue, so it is never written later. Items whose callers
-    gave up while their batch was being written, and every item of a batch whose write
+    gave up while their batch was being written (or as it ended), and every item of a batch whose write
     failed, go to ``abandoned`` once that write ends (written or maybe written: the store
     may have applied it before the reply was lost), to be undone.
     """
@@ -62,6 +62,12 @@ class Batcher(Generic[T]):
         try:
             await done
         except asyncio.CancelledError:
+            if done.done() and not done.cancelled():
+                # Written, but cancelled before it resumed (a timeout firing as the store
+                # answered): it gave up all the same. A failed write was handed back whole.
+                if done.exception() is None and self._abandoned is not None:
+                    self._abandoned([item])
+                raise
             for i, queued in enumerate(self._queued):
                 if queued is entry:  # not yet in a batch: never to be written
                     del self._queued[i]

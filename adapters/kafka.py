@@ -264,11 +264,19 @@ NEW_TOPIC_POLL_S = 0.2
 
 
 def max_message_bytes(admin: AdminClient, topics: set[str], timeout_s: float) -> dict[str, int]:
-    """Each topic's effective ``max.message.bytes`` (its own or the broker's default).
+    """Each topic's effective ``max.message.bytes`` (its own or the broker's default)."""
+    described = topic_configs(admin, topics, timeout_s)
+    return {name: int(config["max.message.bytes"]) for name, config in described.items()}
+
+
+def topic_configs(
+    admin: AdminClient, topics: set[str], timeout_s: float
+) -> dict[str, dict[str, str]]:
+    """Each topic's effective configuration, name → value.
 
     A topic created a moment ago may not be known yet to the broker that answers (KRaft
     spreads new topics' metadata asynchronously): that answer is asked again, within
-    ``timeout_s``, instead of failing the start.
+    ``timeout_s``, instead of failing.
     """
     deadline = time.monotonic() + timeout_s
     while True:
@@ -276,7 +284,7 @@ def max_message_bytes(admin: AdminClient, topics: set[str], timeout_s: float) ->
         described = admin.describe_configs(resources, request_timeout=timeout_s)
         try:
             return {
-                resource.name: int(future.result()["max.message.bytes"].value)
+                resource.name: {key: entry.value for key, entry in future.result().items()}
                 for resource, future in described.items()
             }
         except KafkaException as exc:

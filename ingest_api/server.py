@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 from starlette.responses import Response
+from starlette.types import ASGIApp
 from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import (
@@ -28,7 +29,7 @@ from uvicorn.protocols.http.httptools_impl import (
 
 from config.settings import Settings, get_settings
 from ingest_api.metrics import note_refusal
-from ingest_api.middleware import NDJSON
+from ingest_api.middleware import NDJSON, CorrelationMiddleware
 from ingest_api.problems import problem_response
 
 log = structlog.get_logger("ingest_api")
@@ -55,7 +56,7 @@ class Limits:
     body_timeout_s: float
     headers_too_large: Response
     timed_out: Response
-    too_many_connections: Response
+    too_many_connections: ASGIApp
 
 
 @lru_cache(maxsize=1)
@@ -80,12 +81,15 @@ def limits() -> Limits:
             f" {settings.body_timeout_s:g} s",
             headers=CLOSE,
         ),
-        too_many_connections=problem_response(
-            429,
-            "TOO_MANY_REQUESTS",
-            "Too many connections are open; retry later",
-            detail=f"This API worker serves at most {settings.max_connections} connections",
-            headers={"Retry-After": str(settings.retry_after_seconds), **CLOSE},
+        # Through CorrelationMiddleware: like every answer, it carries the id and the timing.
+        too_many_connections=CorrelationMiddleware(
+            problem_response(
+                429,
+                "TOO_MANY_REQUESTS",
+                "Too many connections are open; retry later",
+                detail=f"This API worker serves at most {settings.max_connections} connections",
+                headers={"Retry-After": str(settings.retry_after_seconds), **CLOSE},
+            )
         ),
     )
 

@@ -291,6 +291,8 @@ async def test_connections_over_the_cap_are_answered_429_at_once(server: Server)
     assert refused.status == 429
     assert refused.problem()["code"] == "TOO_MANY_REQUESTS"
     assert refused.headers["retry-after"] == "5"
+    assert refused.headers["server-timing"].startswith("app;dur=")  # like every answer
+    assert refused.headers["x-correlation-id"]
 
     held.pop()[1].close()
 

@@ -8,10 +8,10 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType  # type: ignore[attr-defined]
+from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
 from adapters import wiring
-from adapters.kafka import INBOUND_TOPIC_CONFIG, KafkaTradeQueue, ensure_topics
+from adapters.kafka import INBOUND_TOPIC_CONFIG, KafkaTradeQueue, ensure_topics, topic_configs
 from config.clock import business_today
 from config.settings import Settings
 from domain.deadline import LOG_APPEND_TIME, appended_late, deadline_ms, deadline_of
@@ -84,13 +84,8 @@ def test_topics_keep_records_as_long_as_the_embedded_profile(migrated: Settings)
         [settings.inbound_topic, settings.dlq_topic]
     )
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
-    resources = [
-        ConfigResource(ResourceType.TOPIC, t) for t in (settings.inbound_topic, settings.dlq_topic)
-    ]
-    kept = {
-        r.name: int(f.result(timeout=15)["retention.ms"].value)
-        for r, f in admin.describe_configs(resources).items()
-    }
+    described = topic_configs(admin, {settings.inbound_topic, settings.dlq_topic}, timeout_s=15)
+    kept = {name: int(config["retention.ms"]) for name, config in described.items()}
     assert kept == {settings.inbound_topic: 216_000_000, settings.dlq_topic: 2_592_000_000}
     assert timedelta(milliseconds=kept[settings.inbound_topic]) < settings.decision_log_retention
     admin.delete_topics([settings.inbound_topic, settings.dlq_topic])

@@ -106,6 +106,27 @@ async def test_callers_giving_up_during_their_write_are_handed_back() -> None:
     assert abandoned == [[1]]
 
 
+async def test_a_caller_cancelled_as_its_write_ends_is_handed_back() -> None:
+    """Cancelled once its batch was written but before it resumed (its timeout firing as
+    the store answered), it sees CancelledError: its item is undone like one given up
+    mid-write (the fault suite found a PENDING record left for an id answered 503)."""
+    store = Store(delay=0)
+    abandoned: list[list[int]] = []
+    loop = asyncio.get_running_loop()
+
+    async def write(items: list[int]) -> None:
+        await store.write(items)
+        # Runs after the write's end callback resolves the caller, before the caller resumes.
+        loop.call_soon(loop.call_soon, caller.cancel)
+
+    batcher: Batcher[int] = Batcher(write, max_batch=10, abandoned=abandoned.append)
+    caller = asyncio.ensure_future(batcher.submit(1))
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert store.batches == [[1]]
+    assert abandoned == [[1]]
+
+
 async def test_a_failed_write_is_handed_back_whole() -> None:
     """A write that failed may still have been applied (the reply was lost): every item of
     its batch goes to ``abandoned``, while its callers get the error."""
