@@ -38,8 +38,8 @@ STATE_KEY = "ratelimit"  # scope["state"] entry: the fields to add to the answer
 OVER_QUOTA: dict[int | str, dict[str, Any]] = {
     429: {
         **problem(
-            "Over the client's quota (code RATE_LIMITED), or, on POST, too many requests"
-            " waiting (TOO_MANY_REQUESTS); retry after Retry-After"
+            "Over the client's quota (code RATE_LIMITED), or, on POST, too many trades in"
+            " flight on this worker (OVERLOADED); retry after Retry-After"
         ),
         "headers": {
             "Retry-After": {
