@@ -30,9 +30,9 @@ class Batcher(Generic[T]):
     SQLite, and to let batches fill while one is in flight); a failed write fails every
     item of its batch. A caller that gives up (is cancelled) while its item still waits
     takes the item out of the queue, so it is never written later. Items whose callers
-    gave up while their batch was being written (or as it ended), and every item of a batch whose write
-    failed, go to ``abandoned`` once that write ends (written or maybe written: the store
-    may have applied it before the reply was lost), to be undone.
+    gave up while their batch was being written (or as it ended), and every item of a
+    batch whose write failed, go to ``abandoned`` once that write ends (written or maybe
+    written: the store may have applied it before the reply was lost), to be undone.
     """
 
     def __init__(
