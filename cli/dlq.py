@@ -85,11 +85,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             return _show(reader, args.id, args.json, store, wiring.held_keys(settings))
         if bool(args.ids) == args.all:
             return _fail("redrive: name dead-letter ids, or --all", 2)
-        parts = wiring.redrive(settings)
-        try:
-            return asyncio.run(_redrive(settings, reader, store, parts, args))
-        finally:
-            parts.close()
+        return asyncio.run(_redrive(settings, reader, store, args))
     except ValueError as exc:  # an id this store never gives
         return _fail(str(exc), 2)
     except Unavailable as exc:
@@ -224,6 +220,22 @@ def _asked(
 
 
 async def _redrive(
+    settings: Settings,
+    reader: DeadLetterReader,
+    store: str,
+    args: argparse.Namespace,
+) -> int:
+    """On the event loop the status store's connections belong to, closed on it."""
+    from adapters import wiring
+
+    parts = wiring.redrive(settings)
+    try:
+        return await _each(settings, reader, store, parts, args)
+    finally:
+        parts.close()
+
+
+async def _each(
     settings: Settings,
     reader: DeadLetterReader,
     store: str,
