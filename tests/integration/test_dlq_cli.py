@@ -32,10 +32,12 @@ from config.settings import Settings, get_settings
 from domain.redrive import redrive_key_name
 from domain.status import RequestState, RequestStatus
 from tests.conftest import settings_env, unique
+from tests.integration import test_processor
 from tests.integration.test_processor import Processor
 from tests.support import start, stop, wait_for, write_pending
 
 TODAY = business_today("UTC")
+own = test_processor.own  # the fixture: a test's own topics and recovery folder
 
 
 def refused_body(request_id: str, trade_id: str) -> bytes:
@@ -233,15 +235,8 @@ def test_dlq_commands_on_the_embedded_log(
     check_the_commands(letters)
 
 
-def test_dlq_commands_on_kafka(migrated: Settings, tmp_path: Path) -> None:
-    settings = migrated.model_copy(
-        update={
-            "inbound_topic": unique("inbound"),
-            "dlq_topic": unique("dlq"),
-            "recovery_dir": tmp_path / "recovery",
-        }
-    )
-    wiring.create_topics(settings)
+def test_dlq_commands_on_kafka(own: Settings) -> None:
+    settings = own
     statuses = wiring.status_store(settings)
     assert isinstance(statuses, DynamoStatusStore)
     garbage, refused = unique("garbage"), unique("refused")
