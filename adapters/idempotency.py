@@ -15,7 +15,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from adapters.dynamodb import CONDITION_FAILED
-from adapters.sqlite_file import writer_of
+from adapters.sqlite_file import READ_PRAGMAS, connect, writer_of
 from config.clock import utc_now
 from domain.idempotency import Answer, KeyRecord
 from domain.ports import Unavailable
@@ -79,11 +79,25 @@ def hold(conn: sqlite3.Connection, record: KeyRecord, ttl: timedelta) -> KeyReco
     )
     if held.rowcount:
         return None
-    key, fingerprint, created_at, status, location, body = conn.execute(
-        HELD_KEY, (record.key,)
-    ).fetchone()
+    return _row_record(conn.execute(HELD_KEY, (record.key,)).fetchone())
+
+
+def _row_record(row: tuple[Any, ...]) -> KeyRecord:
+    key, fingerprint, created_at, status, location, body = row
     answer = Answer(status, body, location)
     return KeyRecord(key, fingerprint, datetime.fromisoformat(created_at), answer)
+
+
+def held_key(path: Path, key: str) -> KeyRecord | None:
+    """The record holding ``key`` now, if any: a read, which holds nothing."""
+    conn = connect(path, READ_PRAGMAS)
+    try:
+        row = conn.execute(
+            f"{HELD_KEY} AND expires_at >= ?", (key, int(utc_now().timestamp()))
+        ).fetchone()
+    finally:
+        conn.close()
+    return None if row is None else _row_record(row)
 
 
 # A claim whose request died with its API worker may be taken over after this long: far
@@ -144,6 +158,19 @@ class DynamoKeys:
             ),
             "ExpressionAttributeValues": {":now": {"N": str(now)}, ":false": {"BOOL": False}},
         }
+
+    async def held(self, key: str) -> KeyRecord | None:
+        """The record holding ``key`` now, if any: a read, which claims nothing."""
+        reply = await self._call(
+            "get_item",
+            TableName=self._table,
+            Key={"request_id": {"S": key}},
+            ConsistentRead=True,
+        )
+        item = reply.get("Item")
+        if item is None or int(item["expires_at"]["N"]) < utc_now().timestamp():
+            return None
+        return _record(item)
 
     async def complete(self, record: KeyRecord) -> None:
         """The request is durable: retries get its answer from now on."""

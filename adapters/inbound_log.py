@@ -6,15 +6,24 @@ from __future__ import annotations
 import json
 import sqlite3
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from adapters.sqlite_file import Params, add_column, delete_in_chunks, write_once, writer_of
+from adapters.sqlite_file import (
+    READ_PRAGMAS,
+    Params,
+    add_column,
+    connect,
+    delete_in_chunks,
+    write_once,
+    writer_of,
+)
 from config.clock import utc_now
 from domain.message import TradeMessage, encode
 from domain.ports import Unavailable
+from domain.redrive import REDRIVEN_FROM_HEADER, StoredDeadLetter
 
 # accepted_at (unix seconds) dates an entry for retention; files from before it had the
 # column get it added, NULL in their old rows (see SqliteInboundLog.delete_read).
@@ -158,6 +167,8 @@ class SqliteInboundLog:
         """``APPEND``'s parameters for one message."""
         key = message.trade.trade_id
         headers = [("request_id", message.request_id), ("correlation_id", message.correlation_id)]
+        if message.redriven_from is not None:
+            headers.append((REDRIVEN_FROM_HEADER, message.redriven_from))
         return (
             partition_of(key, self.partitions),
             key.encode(),
@@ -229,3 +240,48 @@ def delete_dead_letters(path: Path, created_before: datetime) -> int:
     before = created_before.astimezone(UTC).isoformat()
     with writer_of(path) as writer:
         return delete_in_chunks(writer, DELETE_DEAD_LETTERS, (before,), "dead letters")
+
+
+DEAD_LETTERS_SINCE = (
+    "SELECT seq, created_at, reason, key, value, headers FROM dead_letters"
+    " WHERE created_at >= ? ORDER BY seq"
+)
+ONE_DEAD_LETTER = (
+    "SELECT seq, created_at, reason, key, value, headers FROM dead_letters WHERE seq = ?"
+)
+READ_CHUNK = 100
+
+
+class SqliteDeadLetters:
+    """The log file's dead letters, read back (``trade-store dlq``); a letter's id is its
+    row's ``seq``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def letters(self, since: datetime | None = None) -> Iterator[StoredDeadLetter]:
+        cutoff = "" if since is None else since.astimezone(UTC).isoformat()
+        conn = connect(self.path, READ_PRAGMAS)
+        try:
+            rows = conn.execute(DEAD_LETTERS_SINCE, (cutoff,))
+            while chunk := rows.fetchmany(READ_CHUNK):
+                yield from (_stored(row) for row in chunk)
+        finally:
+            conn.close()
+
+    def letter(self, letter_id: str) -> StoredDeadLetter | None:
+        if not letter_id.isdecimal():
+            raise ValueError(f"{letter_id!r} is not an embedded dead-letter id (a number)")
+        conn = connect(self.path, READ_PRAGMAS)
+        try:
+            row = conn.execute(ONE_DEAD_LETTER, (int(letter_id),)).fetchone()
+        finally:
+            conn.close()
+        return None if row is None else _stored(row)
+
+
+def _stored(row: tuple[int, str, str, bytes | None, bytes | None, str]) -> StoredDeadLetter:
+    seq, created_at, reason, key, value, headers = row
+    return StoredDeadLetter(
+        str(seq), datetime.fromisoformat(created_at), reason, key, value, decode_headers(headers)
+    )

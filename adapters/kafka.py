@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import orjson
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
     AlterConfigOpType,
@@ -25,6 +27,7 @@ from config.logs import kafka_logger
 from domain.deadline import DEADLINE_HEADER, appended_late, deadline_ms
 from domain.message import TradeMessage, encode
 from domain.ports import Overloaded, Unavailable
+from domain.redrive import REDRIVEN_FROM_HEADER, StoredDeadLetter
 
 # The broker stamps each message with the time it appended it: the stamp the dataflow
 # compares with the message's deadline (domain.deadline), also in the delivery report.
@@ -87,6 +90,8 @@ def headers_of(message: TradeMessage, deadline: int | None) -> list[tuple[str, s
     ]
     if deadline is not None:
         headers.append((DEADLINE_HEADER, str(deadline).encode()))
+    if message.redriven_from is not None:
+        headers.append((REDRIVEN_FROM_HEADER, message.redriven_from.encode()))
     return headers
 
 
@@ -328,3 +333,113 @@ def dead_letter_producer_config(bootstrap: str, topic: str, timeout_ms: int) -> 
         "message.max.bytes": limit,
         "batch.num.messages": 1,
     }
+
+
+READ_POLL_S = 0.5
+
+
+class KafkaDeadLetters:
+    """The dead-letter topic, read back (``trade-store dlq``) by an assigned consumer that
+    commits nothing; a letter's id is ``<partition>:<offset>``. A listing ends at the high
+    watermarks as they were when it started."""
+
+    def __init__(self, bootstrap: str, topic: str, timeout_s: float = 10) -> None:
+        self._bootstrap = bootstrap
+        self._topic = topic
+        self._timeout_s = timeout_s
+
+    def _consumer(self) -> Consumer:
+        return Consumer(
+            {
+                "bootstrap.servers": self._bootstrap,
+                "group.id": "trade-store-dlq",  # never joined nor committed: assign() only
+                "enable.auto.commit": False,
+                "logger": kafka_logger(),
+            }
+        )
+
+    def _ranges(self, consumer: Consumer, since: datetime | None) -> dict[int, tuple[int, int]]:
+        """Per partition, the offsets [start, end) to read."""
+        try:
+            meta = consumer.list_topics(self._topic, timeout=self._timeout_s).topics[self._topic]
+            if meta.error is not None:
+                raise Unavailable(f"dead-letter topic {self._topic}: {meta.error}")
+            ranges = {}
+            for partition in meta.partitions:
+                tp = TopicPartition(self._topic, partition)
+                low, high = consumer.get_watermark_offsets(tp, timeout=self._timeout_s)
+                ranges[partition] = (low, high)
+            if since is not None:
+                wanted = [
+                    TopicPartition(self._topic, p, int(since.timestamp() * 1000)) for p in ranges
+                ]
+                for tp in consumer.offsets_for_times(wanted, timeout=self._timeout_s):
+                    low, high = ranges[tp.partition]
+                    ranges[tp.partition] = (high if tp.offset < 0 else max(low, tp.offset), high)
+        except KafkaException as exc:
+            raise Unavailable(f"dead-letter topic {self._topic}: {exc}") from exc
+        return {p: r for p, r in ranges.items() if r[0] < r[1]}
+
+    def letters(self, since: datetime | None = None) -> Iterator[StoredDeadLetter]:
+        consumer = self._consumer()
+        try:
+            ranges = self._ranges(consumer, since)
+            consumer.assign([TopicPartition(self._topic, p, r[0]) for p, r in ranges.items()])
+            left = {p: end for p, (_, end) in ranges.items()}
+            quiet_since = time.monotonic()
+            while left:
+                got = consumer.consume(100, READ_POLL_S)
+                for msg in got:
+                    if msg.error() is not None:
+                        raise Unavailable(f"dead-letter topic {self._topic}: {msg.error()}")
+                    partition, offset = msg.partition() or 0, msg.offset() or 0
+                    end = left.get(partition)
+                    if end is None or offset >= end:
+                        continue
+                    yield _stored(msg)
+                    if offset + 1 >= end:
+                        del left[partition]
+                if got:
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since > self._timeout_s:
+                    raise Unavailable(f"dead-letter topic {self._topic}: no records in time")
+        finally:
+            consumer.close()
+
+    def letter(self, letter_id: str) -> StoredDeadLetter | None:
+        partition, _, offset = letter_id.partition(":")
+        if not (partition.isdecimal() and offset.isdecimal()):
+            raise ValueError(f"{letter_id!r} is not a dead-letter id (<partition>:<offset>)")
+        consumer = self._consumer()
+        try:
+            tp = TopicPartition(self._topic, int(partition))
+            try:
+                low, high = consumer.get_watermark_offsets(tp, timeout=self._timeout_s)
+            except KafkaException as exc:
+                raise Unavailable(f"dead-letter topic {self._topic}: {exc}") from exc
+            if not low <= int(offset) < high:
+                return None
+            consumer.assign([TopicPartition(self._topic, int(partition), int(offset))])
+            deadline = time.monotonic() + self._timeout_s
+            while time.monotonic() < deadline:
+                msg = consumer.poll(READ_POLL_S)
+                if msg is not None and msg.error() is None:
+                    return _stored(msg) if msg.offset() == int(offset) else None
+            raise Unavailable(f"dead-letter topic {self._topic}: no record in time")
+        finally:
+            consumer.close()
+
+
+def _stored(msg: Message) -> StoredDeadLetter:
+    # A consumer's headers are a list of (name, bytes or None) pairs.
+    raw = cast(list[tuple[str, bytes | None]], msg.headers() or [])
+    headers = [(name, value or b"") for name, value in raw]
+    reason = next((v.decode(errors="replace") for k, v in headers if k == "dlq_reason"), "")
+    return StoredDeadLetter(
+        id=f"{msg.partition()}:{msg.offset()}",
+        at=datetime.fromtimestamp(msg.timestamp()[1] / 1000, UTC),
+        reason=reason,
+        key=msg.key(),
+        value=msg.value(),
+        headers=headers,
+    )

@@ -6,22 +6,26 @@ Kafka and DynamoDB. Everything else in the codebase is the same for both.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from adapters.dynamodb import DynamoStatusStore, make_client
-from adapters.idempotency import DynamoKeys, ensure_key_schema
-from adapters.inbound_log import PartitionCountMismatch, SqliteInboundLog
+from adapters.idempotency import DynamoKeys, ensure_key_schema, held_key
+from adapters.inbound_log import PartitionCountMismatch, SqliteDeadLetters, SqliteInboundLog
 from adapters.intake import PendingThenQueue, SqliteIntake
-from adapters.kafka import INBOUND_TOPIC_CONFIG, KafkaTradeQueue, ensure_topics
+from adapters.kafka import INBOUND_TOPIC_CONFIG, KafkaDeadLetters, KafkaTradeQueue, ensure_topics
 from adapters.sql import SqlTradeStore, make_engine
 from adapters.sqlite_status import SqliteStatusStore
 from config.settings import Settings
+from domain.idempotency import KeyRecord
 from domain.ports import Intake, Reachable, StatusReader, TradeReader
+from domain.redrive import DeadLetterReader
 
 log = structlog.get_logger("adapters")
 
@@ -162,4 +166,64 @@ def api_services(settings: Settings) -> Services:
         queue,
         PendingThenQueue(statuses, queue, key_claims(settings)),
         [queue.close, statuses.close],
+    )
+
+
+def dead_letters(settings: Settings) -> tuple[DeadLetterReader, str]:
+    """The dead letters' reader, and the name of where they are kept (the topic, or the
+    log file's table), which tells two stores' letter ids apart."""
+    if settings.embedded:
+        return SqliteDeadLetters(inbound_log_path(settings)), "dead_letters"
+    return KafkaDeadLetters(
+        settings.kafka_bootstrap_servers, settings.dlq_topic
+    ), settings.dlq_topic
+
+
+HeldKeys = Callable[[str], Coroutine[Any, Any, KeyRecord | None]]
+
+
+def _redrive_key_days(settings: Settings) -> int:
+    """A redrive's key lives as long as its dead letter can (and a status at least)."""
+    return math.ceil(max(settings.status_ttl_days, settings.dead_letter_retention_days))
+
+
+def held_keys(settings: Settings) -> HeldKeys:
+    """Reads an idempotency key's record without claiming it (what a redrive holds)."""
+    if settings.embedded:
+        path = inbound_log_path(settings)
+
+        async def held(key: str) -> KeyRecord | None:
+            return held_key(path, key)
+
+        return held
+    client = make_client(settings.dynamodb_endpoint_url, settings.aws_region, pool=2)
+    return DynamoKeys(client, settings.status_table, _redrive_key_days(settings)).held
+
+
+@dataclass
+class Redrive:
+    """What ``trade-store dlq redrive`` submits through: the API's intake, its idempotency
+    keys (one per redriven dead letter) kept as long as a dead letter is."""
+
+    intake: Intake
+    statuses: StatusReader
+    held: HeldKeys
+    closers: list[Callable[[], None]]
+
+    def close(self) -> None:
+        for close in self.closers:
+            close()
+
+
+def redrive(settings: Settings) -> Redrive:
+    days = _redrive_key_days(settings)
+    statuses = status_store(settings)
+    if isinstance(statuses, SqliteStatusStore):
+        intake = SqliteIntake(inbound_log(settings), statuses, timedelta(days=days))
+        return Redrive(intake, statuses, held_keys(settings), [intake.close])
+    queue = trade_queue(settings)
+    client = make_client(settings.dynamodb_endpoint_url, settings.aws_region, pool=2)
+    keys = DynamoKeys(client, settings.status_table, days)
+    return Redrive(
+        PendingThenQueue(statuses, queue, keys), statuses, keys.held, [queue.close, statuses.close]
     )

@@ -229,6 +229,10 @@ def parser() -> argparse.ArgumentParser:
     )
     add.add_argument("--rate", metavar="WRITES/READS", help="this client's quotas per second")
     keys.set_defaults(handler=_keys)
+
+    from cli import dlq  # dead letters: list, show, redrive (README "Dead letters")
+
+    dlq.register(sub.add_parser("dlq", help="list, show and redrive dead letters"), common)
     return root
 
 

@@ -31,6 +31,7 @@ class TradeMessage:
     accepted_on: date
     accepted_at: datetime
     trade: Trade
+    redriven_from: str | None = None  # a redrive's dead-letter id, queued as a header
 
 
 class UndecodableMessage(ValueError):
