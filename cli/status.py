@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from confluent_kafka import KafkaError, KafkaException
+
 from adapters import wiring
 from adapters.inbound_log import appended_since, dead_letter_count, first_accepted_after, read_only
 from adapters.kafka import offsets_since, record_timestamps, status_admin
@@ -155,6 +157,13 @@ def read_positions(settings: Settings) -> tuple[dict[int, int], datetime | None]
     return queue_positions(states, partition_of), newest
 
 
+def reason(exc: Exception) -> str:
+    """One short line: librdkafka's own message rather than the KafkaError's repr."""
+    error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    text = error.str() if isinstance(error, KafkaError) else str(exc) or type(exc).__name__
+    return " ".join(text.split())[:300]
+
+
 def gather(settings: Settings, queue: Queue | None = None, now: datetime | None = None) -> Status:
     """Read every figure, each on its own; a dependency found down is not asked again."""
     now = now or utc_now()
@@ -166,7 +175,7 @@ def gather(settings: Settings, queue: Queue | None = None, now: datetime | None 
             try:
                 return read()
             except Exception as exc:  # the screen shows what it can; this part is down
-                down[dependency] = " ".join((str(exc) or type(exc).__name__).split())[:300]
+                down[dependency] = reason(exc)
         for figure in figures:
             status.unavailable[figure] = f"{dependency}: {down[dependency]}"
         return None

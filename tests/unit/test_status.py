@@ -8,9 +8,10 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from confluent_kafka import KafkaError, KafkaException
 from rich.console import Console
 
-from cli.status import Status, as_json, gather, plain, show_rich, summary
+from cli.status import Status, as_json, gather, plain, reason, show_rich, summary
 from config.settings import Settings
 
 AT = datetime(2026, 12, 1, 10, 0, 0, 123456, tzinfo=UTC)
@@ -129,3 +130,14 @@ def test_a_dependency_down_is_asked_once_and_blanks_its_figures(tmp_path: Path) 
         assert got.unavailable[figure] == "Kafka: no broker answered"
     assert got.unavailable["rows"].startswith("trade store: ")  # no such data folder
     assert "snapshot_age_seconds" not in got.unavailable  # no recovery store yet: none
+
+
+def test_reasons_are_one_short_line() -> None:
+    failure = KafkaError(
+        KafkaError._TRANSPORT, "Failed to get metadata: Local: Broker transport failure"
+    )
+    assert (
+        reason(KafkaException(failure)) == "Failed to get metadata: Local: Broker transport failure"
+    )
+    assert reason(TimeoutError()) == "TimeoutError"
+    assert len(reason(ValueError("x" * 1000))) == 300
