@@ -285,3 +285,39 @@ def _stored(row: tuple[int, str, str, bytes | None, bytes | None, str]) -> Store
     return StoredDeadLetter(
         str(seq), datetime.fromisoformat(created_at), reason, key, value, decode_headers(headers)
     )
+
+
+# What `trade-store status` reads of the log (cli/status.py): read-only, each query indexed
+# or bounded by the last minute's entries.
+def read_only(path: Path) -> sqlite3.Connection:
+    """A connection that cannot create or change the file (a missing file is an error)."""
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+
+
+def first_accepted_after(conn: sqlite3.Connection, positions: Mapping[int, int]) -> list[int]:
+    """``accepted_at`` (unix seconds) of the first entry after each partition's position."""
+    found = (
+        conn.execute(
+            "SELECT accepted_at FROM inbound_log WHERE partition = ? AND seq > ?"
+            " ORDER BY seq LIMIT 1",
+            (partition, seq),
+        ).fetchone()
+        for partition, seq in positions.items()
+    )
+    return [row[0] for row in found if row is not None and row[0] is not None]
+
+
+def appended_since(conn: sqlite3.Connection, since: datetime) -> int:
+    """Entries accepted at or after ``since``: those after the last one accepted before it,
+    found walking back from the newest (entries are appended in order of acceptance)."""
+    (count,) = conn.execute(
+        "SELECT count(*) FROM inbound_log WHERE seq > coalesce((SELECT seq FROM inbound_log"
+        " WHERE accepted_at < ? ORDER BY seq DESC LIMIT 1), 0)",
+        (int(since.timestamp()),),
+    ).fetchone()
+    return int(count)
+
+
+def dead_letter_count(conn: sqlite3.Connection) -> int:
+    (count,) = conn.execute("SELECT count(*) FROM dead_letters").fetchone()
+    return int(count)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, cast
@@ -19,6 +19,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     ConfigEntry,
     ConfigResource,
     NewTopic,
+    OffsetSpec,
     ResourceType,
 )
 
@@ -443,3 +444,51 @@ def _stored(msg: Message) -> StoredDeadLetter:
         value=msg.value(),
         headers=headers,
     )
+
+
+# What `trade-store status` reads of the topics (cli/status.py); every call is bounded.
+def status_admin(bootstrap: str) -> AdminClient:
+    return _admin(bootstrap)
+
+
+def offsets_since(
+    admin: AdminClient, topic: str, partitions: Iterable[int], since_ms: int, timeout_s: float
+) -> dict[int, int]:
+    """Per partition, the first offset the broker stamped at or after ``since_ms`` (the
+    inbound topic is stamped with LogAppendTime), or -1 when none is that recent."""
+    spec = OffsetSpec.for_timestamp(since_ms)
+    asked = {TopicPartition(topic, p): spec for p in partitions}
+    futures = admin.list_offsets(asked, request_timeout=timeout_s)
+    return {tp.partition: f.result().offset for tp, f in futures.items()}
+
+
+def record_timestamps(
+    bootstrap: str, topic: str, offsets: Mapping[int, int], timeout_s: float
+) -> dict[int, float]:
+    """The broker's stamp (unix seconds) of the record at each partition's offset, read
+    with a consumer that joins no group and commits nothing; partitions whose record did
+    not arrive within ``timeout_s`` are left out."""
+    if not offsets:
+        return {}
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "trade-store-status",  # required by the client; never joined
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "logger": kafka_logger(),
+        }
+    )
+    try:
+        consumer.assign([TopicPartition(topic, p, o) for p, o in offsets.items()])
+        found: dict[int, float] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(found) < len(offsets) and (left := deadline - time.monotonic()) > 0:
+            for msg in consumer.consume(len(offsets), timeout=min(left, 0.5)):
+                partition = msg.partition()
+                if msg.error() is None and partition is not None and partition not in found:
+                    found[partition] = msg.timestamp()[1] / 1000
+                    consumer.pause([TopicPartition(topic, partition)])
+        return found
+    finally:
+        consumer.close()

@@ -437,6 +437,28 @@ class SqlTradeStore:
     def ping(self) -> None:
         self._run(lambda conn: conn.execute(text("SELECT 1")))
 
+    def counts(self, as_of: date, decided_since: datetime) -> dict[str, int]:
+        """`trade-store status`'s row counts, in one transaction: ``trades`` and how many of
+        them are ``expired`` as reads show it, the ``decision_log``, and its rows
+        ``decided_since`` (a range of the decided_at index)."""
+        rows = select(
+            func.count(), func.coalesce(func.sum(case((expired_expr(as_of), 1), else_=0)), 0)
+        ).select_from(trades)
+        logged = select(func.count()).select_from(request_outcomes)
+        # UTC: SQLite's DateTime drops the zone, and every stored time is UTC.
+        recent = logged.where(request_outcomes.c.decided_at >= decided_since.astimezone(UTC))
+
+        def read(conn: Connection) -> dict[str, int]:
+            total, expired = conn.execute(rows).one()
+            return {
+                "trades": total,
+                "expired": expired,
+                "decision_log": conn.execute(logged).scalar_one(),
+                "decided_since": conn.execute(recent).scalar_one(),
+            }
+
+        return self._run(read)
+
 
 class PostgresStatements:
     """Whole batches as one statement each, by passing columns as arrays to unnest()."""

@@ -233,6 +233,16 @@ def parser() -> argparse.ArgumentParser:
     from cli import dlq  # dead letters: list, show, redrive (README "Dead letters")
 
     dlq.register(sub.add_parser("dlq", help="list, show and redrive dead letters"), common)
+
+    # status (README "Status"): one screen for an operator; exits 1 if a part is unreadable.
+    def _status(settings: Settings, args: argparse.Namespace) -> int:
+        from cli import status
+
+        return status.run(settings, as_json_out=args.json)
+
+    status = command("status", "lag, throughput, dead letters, oldest pending, row counts")
+    status.add_argument("--json", action="store_true", help="one JSON object (README: Status)")
+    status.set_defaults(handler=_status)
     return root
 
 

@@ -66,26 +66,32 @@ def flow(settings: Settings | None = None) -> Dataflow:
     )
 
 
+def position_step(settings: Settings, flow_id: str) -> tuple[str, Callable[[str], int]]:
+    """The recovery step whose snapshots hold the queue positions, and the partition each
+    of its state keys names (Kafka: Bytewax's "<partition>-<topic>")."""
+    if settings.embedded:
+        return f"{flow_id}.{INBOUND_STEP}", int
+    return f"{flow_id}.{KAFKA_STEP}.kafka_input", lambda key: int(key.split("-", 1)[0])
+
+
 def serve_metrics(settings: Settings, flow_id: str, process_id: int) -> Callable[[], None]:
     """Serve the process's Prometheus registry, with the queue's lag, on the metrics port
     (+ ``process_id``, so a cluster's processes on one host do not collide); returns what
     stops it."""
+    step_id, partition_of = position_step(settings, flow_id)
+    snapshots = SnapshotReader(settings.recovery_path, step_id)
     if settings.embedded:
         path, partitions = wiring.inbound_log_path(settings), settings.inbound_partitions
-        snapshots = SnapshotReader(settings.recovery_path, f"{flow_id}.{INBOUND_STEP}")
         lag = QueueLag(
-            snapshots,
-            lambda positions: log_backlog(path, partitions, positions),
-            int,
+            snapshots, lambda positions: log_backlog(path, partitions, positions), partition_of
         )
     else:
         admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
         topic = settings.inbound_topic
-        snapshots = SnapshotReader(settings.recovery_path, f"{flow_id}.{KAFKA_STEP}.kafka_input")
         lag = QueueLag(
             snapshots,
             lambda positions: kafka_lag(kafka_watermarks(admin, topic), positions),
-            lambda key: int(key.split("-", 1)[0]),  # Bytewax's "<partition>-<topic>"
+            partition_of,
         )
     REGISTRY.register(lag)
     port = settings.metrics_port + process_id  # type: ignore[operator]

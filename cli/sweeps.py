@@ -16,6 +16,7 @@ from adapters.sqlite_status import SqliteStatusStore
 from config.clock import business_today, utc_now
 from config.settings import Settings
 from domain.ports import TradeSweeps, Unavailable
+from sinks.metrics import SnapshotReader
 from sources.sqlite_log import resume_positions
 
 log = structlog.get_logger("processor")
@@ -76,13 +77,17 @@ class RetentionSweeper(Periodic):
     ) -> None:
         super().__init__("retention-sweeper", settings.retention_check_seconds)
         self._settings = settings
-        self._step_id = inbound_step_id
         self._trades = trades or wiring.trade_store(settings)
         # Embedded only: in the services profile DynamoDB's TTL and the topics' retention.ms
         # do the rest.
         self._log = wiring.inbound_log(settings) if settings.embedded else None
         self._statuses = (
             SqliteStatusStore(self._log.path, settings.status_ttl_days) if self._log else None
+        )
+        # In a child: read in the processor, the recovery store loses Bytewax's locks on it
+        # (sinks.metrics), and Bytewax's snapshots stalled until the processor stopped.
+        self._positions = SnapshotReader(
+            settings.recovery_path, inbound_step_id, timeout_s=60, read=resume_positions
         )
 
     def tick(self) -> None:
@@ -98,7 +103,7 @@ class RetentionSweeper(Periodic):
         if inbound is not None and statuses is not None:
             steps["statuses"] = lambda: statuses.delete_expired(now)
             steps["inbound_log"] = lambda: inbound.delete_read(
-                resume_positions(cfg.recovery_path, self._step_id), now - cfg.inbound_retention
+                self._positions(), now - cfg.inbound_retention
             )
             steps["dead_letters"] = lambda: delete_dead_letters(
                 inbound.path, now - timedelta(days=cfg.dead_letter_retention_days)
@@ -111,3 +116,7 @@ class RetentionSweeper(Periodic):
                 log.warning("retention sweep step failed", step=name, error=str(exc))
         log.info("retention sweep", **deleted)
         return deleted
+
+    def stop(self) -> None:
+        super().stop()
+        self._positions.close()

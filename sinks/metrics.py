@@ -116,6 +116,18 @@ def latest_snapshots(recovery_dir: Path, step_id: str) -> tuple[dict[str, Any], 
     return {key: value for key, (_, value) in states.items()}, newest
 
 
+def queue_positions(
+    states: Mapping[str, Any], partition_of: Callable[[str], int]
+) -> dict[int, int]:
+    """Per partition, the position its snapshot resumes from (Kafka's sentinels, such as
+    'beginning', and partitions without one are left out)."""
+    return {
+        partition_of(key): value
+        for key, value in states.items()
+        if isinstance(value, int) and value >= 0
+    }
+
+
 def log_backlog(path: Path, partitions: int, positions: Mapping[int, int]) -> dict[int, int]:
     """Embedded: per log partition, the entries after its snapshot position. Counted, not
     subtracted: ``seq`` is one sequence over every partition."""
@@ -156,16 +168,24 @@ def kafka_watermarks(
 
 
 class SnapshotReader:
-    """``latest_snapshots`` of one step, run in a child process of its own (see above)."""
+    """``read`` (by default ``latest_snapshots``) of one step, run in a child process of its
+    own (see above): anything in the processor that reads the recovery store reads it so."""
 
-    def __init__(self, recovery_dir: Path, step_id: str, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        recovery_dir: Path,
+        step_id: str,
+        timeout_s: float = 5.0,
+        read: Callable[[Path, str], Any] = latest_snapshots,
+    ) -> None:
         self._args = (recovery_dir, step_id)
         self._timeout_s = timeout_s
+        self._read = read
         # Spawned, not forked: this process runs threads (Bytewax's, the HTTP server's).
         self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
 
-    def __call__(self) -> tuple[dict[str, Any], datetime | None]:
-        return self._pool.submit(latest_snapshots, *self._args).result(self._timeout_s)
+    def __call__(self) -> Any:
+        return self._pool.submit(self._read, *self._args).result(self._timeout_s)
 
     def close(self) -> None:
         self._pool.shutdown(cancel_futures=True)
@@ -205,11 +225,7 @@ class QueueLag(Collector):
         )
         try:
             states, newest = self._snapshots()
-            positions = {
-                self._partition_of(key): value
-                for key, value in states.items()
-                if isinstance(value, int) and value >= 0
-            }
+            positions = queue_positions(states, self._partition_of)
             for partition, count in sorted(self._backlog(positions).items()):
                 lag.add_metric([str(partition)], count)
             if newest is not None:
