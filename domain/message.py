@@ -31,6 +31,10 @@ class TradeMessage:
     accepted_on: date
     accepted_at: datetime
     trade: Trade
+    # W3C trace-context headers (traceparent, tracestate) it was queued under, as opaque
+    # (name, value) pairs; they travel as record headers, never in the value. Empty when
+    # tracing is off (README "Tracing").
+    trace: tuple[tuple[str, str], ...] = ()
 
 
 class UndecodableMessage(ValueError):
