@@ -85,8 +85,9 @@ def headers_of(message: TradeMessage, deadline: int | None) -> list[tuple[str, s
     headers: list[tuple[str, str | bytes | None]] = [
         ("request_id", message.request_id.encode()),
         ("correlation_id", message.correlation_id.encode()),
-        *message.trace,
     ]
+    if message.trace:
+        headers += message.trace
     if deadline is not None:
         headers.append((DEADLINE_HEADER, str(deadline).encode()))
     return headers

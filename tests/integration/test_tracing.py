@@ -1,6 +1,6 @@
 """Traces link the API span to the processor span (README "Tracing"), embedded profile: the
 real API and intake write the inbound log, whose records the real dataflow, its sinks and
-SQLite stores then process in-process."""
+SQLite stores then process in-process. And the context crosses a real Kafka broker."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import gc
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,13 +20,16 @@ from opentelemetry.trace import SpanKind
 
 from adapters import wiring
 from adapters.inbound_log import LogRecord, read_partition
+from adapters.kafka import KafkaTradeQueue, ensure_topics
 from adapters.sqlite_file import connect
+from config import tracing
 from config.settings import Settings
 from dataflows.trades import build_flow
 from domain.dead_letter import DeadLetter
 from domain.status import RequestState
 from ingest_api.app import create_app
-from tests.conftest import settings_env
+from tests.conftest import settings_env, unique
+from tests.integration.test_kafka_queue import message, read_all
 from tests.unit.test_tracing import body as trade
 from tests.unit.test_tracing import recorded
 
@@ -115,3 +119,16 @@ def test_the_processors_batch_span_links_to_each_api_span(
         (single.context.trace_id, single.context.span_id),
         (batched.context.trace_id, batched.context.span_id),
     }
+
+
+async def test_kafka_records_carry_the_trace_context_over_the_broker(migrated: Settings) -> None:
+    """Services profile: the trace context is a header of the Kafka record itself, read back
+    by a consumer as the processor's source reads it."""
+    topic = unique("trace-test")
+    ensure_topics(migrated.kafka_bootstrap_servers, {topic: 1}, 1)
+    queue = KafkaTradeQueue(migrated.kafka_bootstrap_servers, topic, 5000, 1)
+    sent = replace(message("T-traced"), trace=(("traceparent", INCOMING), ("tracestate", "k=v")))
+    await queue.publish(sent)
+    queue.close()
+    (got,) = read_all(migrated.kafka_bootstrap_servers, topic, 1, 1)
+    assert tracing.carried(got.headers()) == sent.trace  # type: ignore[attr-defined]
