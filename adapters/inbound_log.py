@@ -164,9 +164,13 @@ class SqliteInboundLog:
             )
 
     def row(self, message: TradeMessage) -> Params:
-        """``APPEND``'s parameters for one message."""
+        """``APPEND``'s parameters for one message (its headers with its trace context)."""
         key = message.trade.trade_id
-        headers = [("request_id", message.request_id), ("correlation_id", message.correlation_id)]
+        headers = [
+            ("request_id", message.request_id),
+            ("correlation_id", message.correlation_id),
+            *message.trace,
+        ]
         if message.redriven_from is not None:
             headers.append((REDRIVEN_FROM_HEADER, message.redriven_from))
         return (

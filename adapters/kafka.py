@@ -83,12 +83,15 @@ def delivery_error(err: KafkaError | None, deadline: int, msg: Message) -> Unava
 
 
 def headers_of(message: TradeMessage, deadline: int | None) -> list[tuple[str, str | bytes | None]]:
-    """The queued record's headers; ``deadline`` None for a record no API is waiting on
-    (a bulk load), which the dataflow then never refuses as late."""
+    """The queued record's headers, with the trace context it carries; ``deadline`` None
+    for a record no API is waiting on (a bulk load), which the dataflow then never refuses
+    as late."""
     headers: list[tuple[str, str | bytes | None]] = [
         ("request_id", message.request_id.encode()),
         ("correlation_id", message.correlation_id.encode()),
     ]
+    if message.trace:
+        headers += message.trace
     if deadline is not None:
         headers.append((DEADLINE_HEADER, str(deadline).encode()))
     if message.redriven_from is not None:

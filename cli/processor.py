@@ -26,6 +26,7 @@ from prometheus_client import REGISTRY, start_http_server
 
 from adapters import wiring
 from cli.sweeps import ExpirySweeper, Periodic, RetentionSweeper
+from config import tracing
 from config.runtime import tune_gc
 from config.settings import Settings, get_settings
 from dataflows.trades import build_flow
@@ -133,6 +134,7 @@ def run(
         if created:
             log.info("topics created", topics=created)
         ensure_recovery_dir(settings.recovery_path, settings.recovery_partitions)
+        tracing.configure(settings.tracing, "trade-store-processor")
         dataflow = flow(settings)
         trades = wiring.trade_store(settings)  # one engine for both sweeps
         sweepers = [

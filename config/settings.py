@@ -155,6 +155,11 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     metrics_host: str = "127.0.0.1"
 
+    # Tracing (README "Tracing"): OpenTelemetry spans, off by default; "otlp" exports them by
+    # OTLP/HTTP, to where the standard OTEL_EXPORTER_OTLP_* variables say (OTEL_SERVICE_NAME,
+    # OTEL_TRACES_SAMPLER and the SDK's other variables apply too).
+    tracing: Literal["off", "otlp"] = "off"
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, TypeGuard, cast
 
 import structlog
@@ -20,6 +20,7 @@ from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 
 from adapters.retry import until_available
+from config import tracing
 from domain.dead_letter import DeadLetter, dead_letter_outcome
 from domain.deadline import appended_late, deadline_of
 from domain.message import TradeMessage, UndecodableMessage, decode, request_id_of
@@ -83,9 +84,18 @@ def _dead_letter(record: RawRecord, reason: str, request_id: str | None) -> Dead
 
 
 def decode_batch(records: list[RawRecord]) -> list[TradeMessage | DeadLetter]:
-    """``decode_record`` of each record of a batch, counted once per batch."""
+    """``decode_record`` of each record of a batch, counted once per batch; with tracing
+    on, each message takes its record's trace-context headers."""
     RECORDS_READ.inc(len(records))
-    return [decode_record(r) for r in records]
+    if tracing.tracer() is None:
+        return [decode_record(r) for r in records]
+    return [_traced(decode_record(r), r) for r in records]
+
+
+def _traced(item: TradeMessage | DeadLetter, record: RawRecord) -> TradeMessage | DeadLetter:
+    if isinstance(item, DeadLetter):
+        return item
+    return replace(item, trace=tracing.carried(record.headers))
 
 
 def is_message(item: TradeMessage | DeadLetter) -> TypeGuard[TradeMessage]:

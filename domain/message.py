@@ -32,6 +32,10 @@ class TradeMessage:
     accepted_at: datetime
     trade: Trade
     redriven_from: str | None = None  # a redrive's dead-letter id, queued as a header
+    # W3C trace-context headers (traceparent, tracestate) it was queued under, as opaque
+    # (name, value) pairs; they travel as record headers, never in the value. Empty when
+    # tracing is off (README "Tracing").
+    trace: tuple[tuple[str, str], ...] = ()
 
 
 class UndecodableMessage(ValueError):

@@ -28,12 +28,14 @@ from domain.trade import Decision, Rejected, Trade, check_maturity, decide_in_or
 @dataclass(frozen=True, slots=True)
 class Arrival:
     """Where a POST's trades come from: its correlation id, the business date and moment it
-    arrived, and the client that sent it (None: authentication is off)."""
+    arrived, the client that sent it (None: authentication is off) and the trace-context
+    headers its messages carry (empty: tracing is off)."""
 
     correlation_id: str
     today: date
     now: datetime
     client_id: str | None = None
+    trace: tuple[tuple[str, str], ...] = ()
 
 
 Admitted = list[tuple[int, TradeMessage | Rejected]]
@@ -55,6 +57,7 @@ def admit(trades: Iterable[tuple[int, Trade]], arrival: Arrival) -> Admitted:
                     accepted_on=arrival.today,
                     accepted_at=arrival.now,
                     trade=trade,
+                    trace=arrival.trace,
                 ),
             )
         )

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from adapters.intake import BoundedIntake
 from adapters.wiring import Services, api_services
+from config import tracing
 from config.logs import configure_logging
 from config.runtime import tune_gc, tune_switching
 from config.settings import Settings, get_settings
@@ -20,6 +21,7 @@ from ingest_api.problems import UnexpectedErrorMiddleware
 from ingest_api.reads import ReadPool
 from ingest_api.routes import router
 from ingest_api.semantics import HttpSemanticsMiddleware, add_cors
+from ingest_api.tracing import TracingMiddleware
 
 log = structlog.get_logger("ingest_api")
 # Beyond the produce timeout, so the queue's own delivery report decides when it can.
@@ -91,4 +93,7 @@ def create_app(
     openapi.install(app)
     # Outermost of all, added once every route exists: it sees every answer.
     app.add_middleware(metrics.MetricsMiddleware, routes=[*router.routes, *app.router.routes])
+    tracing.configure(settings.tracing, "trade-store-api")
+    if (tracer := tracing.tracer()) is not None:  # off: not even a middleware
+        app.add_middleware(TracingMiddleware, routes=app.router.routes, tracer=tracer)
     return app

@@ -37,6 +37,7 @@ from ingest_api.problems import (
 )
 from ingest_api.quotas import OVER_QUOTA, RateLimited, charge, quota
 from ingest_api.schemas import AcceptedOut, BatchAcceptedOut, TradeIn
+from ingest_api.tracing import TRACE_KEY
 
 log = structlog.get_logger("ingest_api")
 router = APIRouter(prefix="/api/v1")
@@ -64,6 +65,7 @@ def _arrival(request: Request, settings: Settings, client: Client | None) -> Arr
         today=business_today(settings.business_timezone),
         now=utc_now(),
         client_id=client.id if client else None,
+        trace=request.scope["state"].get(TRACE_KEY, ()),
     )
 
 

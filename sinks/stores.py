@@ -11,6 +11,7 @@ import structlog
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from adapters.retry import until_available
+from config import tracing
 from config.clock import utc_now
 from domain.ports import DecisionStore, OutcomeWriter
 from domain.status import Outcome, RequestState
@@ -66,6 +67,11 @@ class _TradePartition(StatelessSinkPartition[Decision]):
         log_outcomes(outcomes, {d.message.request_id: d.message.correlation_id for d in chunk})
 
     def write_batch(self, items: list[Decision]) -> None:
+        """With tracing on, the batch is one span, linked to its messages' contexts."""
+        with tracing.processing((d.message.trace for d in items), len(items)):
+            self._write_chunks(items)
+
+    def _write_chunks(self, items: list[Decision]) -> None:
         """Chunk by chunk: commit chunk n+1 while chunk n's outcomes are being written.
 
         Every outcome is written before this returns, so a recovery snapshot never covers a
