@@ -30,8 +30,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--phases",
-        default="api,e2e,batch,ndjson,overload,sink",
-        help="comma-separated subset of api,e2e,batch,ndjson,overload,sink",
+        default="api,e2e,batch,ndjson,overload,sink,scale",
+        help="comma-separated subset of api,e2e,batch,ndjson,overload,sink,scale",
     )
     p.add_argument(
         "--app-root",
