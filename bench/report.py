@@ -66,16 +66,19 @@ def _fmt(value: Any, unit: str = "") -> str:
 
 
 def _scale_rows(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """The scale phase's sink_rate per shape, with its ratio to one process of one worker."""
+    """The scale phase's sink_rate per shape, with its ratio to one process of one worker and
+    the processor CPU it spent per trade."""
     scale = doc.get("phases", {}).get("scale", {})
     rows = []
     for processes, workers in SCALE_SHAPES:
         label = shape_label(processes, workers)
         speedup = scale.get("speedup", {}).get(label)
+        cpu = scale.get("cpu_us_per_trade", {}).get(label)
         rows.append(
             (
-                f"sink_rate, {processes} process(es) × {workers} worker(s)",
-                f"{_fmt(doc.get(f'scale_{label}_sink_rate'), '/s')} ({_fmt(speedup, '×')})",
+                f"sink_rate, {processes} process(es) × {workers} worker(s) (÷ 1 × 1; CPU/trade)",
+                f"{_fmt(doc.get(f'scale_{label}_sink_rate'), '/s')} ({_fmt(speedup, '×')};"
+                f" {_fmt(cpu, ' µs')})",
                 "",
             )
         )

@@ -572,6 +572,7 @@ class Run:
         nothing before all its processes are up."""
         m = self.mode
         names = ["processor"] if len(procs) == 1 else [p.name for p in procs]
+        metered = time.monotonic()
         groups = GroupMeter({name: p.pid for name, p in zip(names, procs, strict=True)})
         drain = sinkmod.drain_progress(
             stage,
@@ -582,6 +583,7 @@ class Run:
             label,
         )
         cores = groups.stop()
+        cpu_s = sum(cores[name] for name in names) * (time.monotonic() - metered)
         log("  verifying the store (rows, sampled versions, every status)")
         check = sinkmod.verify(stage, plan, wait_s=60 if drain["drained"] else 5)
         # the logs before the stop's own noise
@@ -603,12 +605,15 @@ class Run:
             "drain_s": round(end - begin, 2),
             "sink_rate": sinkmod.rate(n, end - begin),
             "sink_rate_incl_startup": sinkmod.rate(n, end - launched),
+            # steadier than the rate on a shared machine: what the processes spent per trade
+            "processor_cpu_us_per_trade": sinkmod.per_trade_us(cpu_s, n),
             "machine_cores_busy": cores,
             "verification": {k: v for k, v in check.items() if k != "last_status_update"},
         }
         log(
             f"  {label}: {timed['sink_rate']} trades/s ({n:,} in {timed['drain_s']}s after a"
-            f" {timed['startup_s']}s start-up); verification"
+            f" {timed['startup_s']}s start-up, {timed['processor_cpu_us_per_trade']} µs processor"
+            " CPU a trade); verification"
             f" {'OK' if check['ok'] else 'FAILED: ' + '; '.join(check['problems'])}"
         )
         return timed

@@ -304,17 +304,25 @@ def shape_label(processes: int, workers: int) -> str:
 
 
 def scale_summary(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Each shape's sink_rate and its ratio to one process of one worker."""
+    """Each shape's sink_rate, its ratio to one process of one worker, and the processor CPU
+    it spent per trade."""
     rates = {label: run.get("sink_rate") for label, run in runs.items()}
     base = rates.get(shape_label(1, 1))
     return {
         "sink_rates": rates,
+        "cpu_us_per_trade": {
+            label: run.get("processor_cpu_us_per_trade") for label, run in runs.items()
+        },
         "speedup": {
             label: round(value / base, 2) if value and base else None
             for label, value in rates.items()
         },
         "verified": all(run["verification"]["ok"] for run in runs.values()) if runs else None,
     }
+
+
+def per_trade_us(cpu_s: float, n: int) -> float | None:
+    return round(cpu_s * 1e6 / n, 1) if n else None
 
 
 def rate(n: int, seconds: float | None) -> float | None:
