@@ -660,7 +660,9 @@ class Run:
         """The same pre-loaded workload drained by each processor shape of SCALE_SHAPES."""
         m = self.mode
         if self.profile != "services":
-            self.phases["scale"] = {"skipped": "services profile only (Kafka partitions)"}
+            self.phases["scale"] = {
+                "skipped": "services profile only (embedded: one host's SQLite files)"
+            }
             return
         shapes = ", ".join(sinkmod.shape_label(*s) for s in sinkmod.SCALE_SHAPES)
         self.phase(f"scale: {m.sink_messages:,} pre-loaded trades drained by {shapes}")
