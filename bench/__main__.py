@@ -22,7 +22,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--api-workers", type=int, default=2, help="uvicorn workers (default 2)")
     p.add_argument("--processor-workers", type=int, default=1, help="Bytewax workers")
     p.add_argument("--gen-procs", type=int, default=1, help="load generator processes")
-    p.add_argument("--sink-messages", type=int, help="pre-loaded trades (full: 200,000)")
+    p.add_argument(
+        "--sink-messages",
+        type=int,
+        help="pre-loaded trades of the sink and of each scale shape (full: 200,000)",
+    )
     p.add_argument(
         "--cpu-rate",
         type=float,
@@ -30,8 +34,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--phases",
-        default="api,e2e,batch,ndjson,overload,sink",
-        help="comma-separated subset of api,e2e,batch,ndjson,overload,sink",
+        default="api,e2e,batch,ndjson,overload,sink,scale",
+        help="comma-separated subset of api,e2e,batch,ndjson,overload,sink,scale",
     )
     p.add_argument(
         "--app-root",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.sink import SCALE_SHAPES, shape_label
+
 Target = tuple[str, str, float | str, float, str]
 # (key in the result, comparison, target value or a key of the result to scale, factor, text)
 FEEDS: list[Target] = [  # issue 12, both profiles
@@ -25,6 +27,7 @@ TARGETS: dict[str, list[Target]] = {
         ("api_cpu_us_per_req", "<=", "bare_cpu_us_per_req", 2, "≤ 2 × bare"),
         ("sink_rate", ">=", 10000, 1, "≥ 10,000/s"),
         ("sink_rate", ">=", "storage_ceiling_rate", 0.5, "≥ 0.5 × ceiling"),
+        ("replay_vs_sink", ">=", 0.8, 1, "≥ 0.8 (issue 13)"),
     ],
     "embedded": [
         ("api_max_rps", ">=", 2000, 1, "≥ 2,000/s (p99 ≤ 50 ms)"),
@@ -32,6 +35,7 @@ TARGETS: dict[str, list[Target]] = {
         ("batch100_trades_per_s", ">=", 25000, 1, "≥ 25,000/s"),
         ("batch_e2e_p99_ms", "<=", 1000, 1, "≤ 1 s"),
         *FEEDS,
+        ("replay_vs_sink", ">=", 0.8, 1, "≥ 0.8 (issue 13)"),
     ],
 }
 
@@ -59,6 +63,27 @@ def _fmt(value: Any, unit: str = "") -> str:
     if isinstance(value, int):
         return f"{value:,}{unit}"
     return f"{value}{unit}"
+
+
+def _scale_rows(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The scale phase's sink_rate per shape, with its ratio to one process of one worker and
+    the processor CPU it spent per trade."""
+    scale = doc.get("phases", {}).get("scale", {})
+    rows = []
+    for processes, workers in SCALE_SHAPES:
+        label = shape_label(processes, workers)
+        speedup = scale.get("speedup", {}).get(label)
+        cpu = scale.get("cpu_us_per_trade", {}).get(label)
+        rows.append(
+            (
+                f"sink_rate, {processes} process(es) × {workers} worker(s) (÷ 1 × 1; CPU/trade)",
+                f"{_fmt(doc.get(f'scale_{label}_sink_rate'), '/s')} ({_fmt(speedup, '×')};"
+                f" {_fmt(cpu, ' µs')})",
+                "",
+            )
+        )
+    rows.append(("scale stores verified", _fmt(doc.get("scale_verified")), ""))
+    return rows
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -116,6 +141,12 @@ def markdown(doc: dict[str, Any]) -> str:
         ("storage_ceiling_rate (no framework)", _fmt(doc.get("storage_ceiling_rate"), "/s"), ""),
         ("sink ÷ ceiling", _fmt(doc.get("sink_vs_ceiling")), ""),
         ("sink store verified", _fmt(doc.get("sink_verified")), ""),
+        *_scale_rows(doc),
+        (
+            "replay_rate (÷ sink_rate)",
+            f"{_fmt(doc.get('replay_rate'), '/s')} ({_fmt(doc.get('replay_vs_sink'))})",
+            "replay_vs_sink",
+        ),
         (
             "batch100_trades_per_s (p99 ack ≤ 200 ms, processor running)",
             _fmt(doc.get("batch100_trades_per_s"), "/s"),

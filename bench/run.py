@@ -14,6 +14,7 @@ import time
 import traceback
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -142,9 +143,32 @@ class Run:
         self.procs.append(proc)
         return proc
 
-    def processor(self, name: str, env: dict[str, str]) -> Proc:
-        workers = str(self.args.processor_workers)
-        return self.spawn(name, ["-m", "cli.main", "process", "--workers", workers], env)
+    def processor(
+        self, name: str, env: dict[str, str], workers: int | None = None, *extra: str
+    ) -> Proc:
+        count = str(workers or self.args.processor_workers)
+        return self.spawn(name, ["-m", "cli.main", "process", "--workers", count, *extra], env)
+
+    def cluster(self, name: str, env: dict[str, str], processes: int, workers: int) -> list[Proc]:
+        """One processor, or a Bytewax cluster of ``processes`` on 127.0.0.1 sharing the
+        stage's recovery folder (``--process-id``/``--addresses``). Process 0 creates the
+        recovery partitions before the others start, so no two create them at once."""
+        if processes == 1:
+            return [self.processor(name, env, workers)]
+        addresses = ",".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
+
+        def member(index: int) -> Proc:
+            args = ("--process-id", str(index), "--addresses", addresses)
+            return self.processor(f"{name}-{index}", env, workers, *args)
+
+        first = member(0)
+        wait_until(
+            lambda: "recovery partitions created" in first.tail(200),
+            60,
+            "process 0 to create the recovery partitions",
+            first,
+        )
+        return [first, *(member(index) for index in range(1, processes))]
 
     def serve(self, name: str, stage_env: dict[str, str] | None, port: int) -> Proc:
         workers = self.args.api_workers
@@ -539,50 +563,76 @@ class Run:
         )
         self.stop(api)
 
+    def timed_drain(
+        self, label: str, stage: Stage, plan: sinkmod.SinkPlan, procs: list[Proc], launched: float
+    ) -> dict[str, Any]:
+        """Time ``procs`` (one processor, or the processes of one cluster) deciding the
+        pre-loaded ``plan`` until it is drained, then verify the stores and stop them.
+        The clock starts at the last process's "processor started": a cluster decides
+        nothing before all its processes are up."""
+        m = self.mode
+        names = ["processor"] if len(procs) == 1 else [p.name for p in procs]
+        metered = time.monotonic()
+        groups = GroupMeter({name: p.pid for name, p in zip(names, procs, strict=True)})
+        drain = sinkmod.drain_progress(
+            stage,
+            len(plan.messages),
+            m.drain_timeout,
+            lambda: all(p.alive() for p in procs),
+            m.stall_s,
+            label,
+        )
+        cores = groups.stop()
+        cpu_s = sum(cores[name] for name in names) * (time.monotonic() - metered)
+        log("  verifying the store (rows, sampled versions, every status)")
+        check = sinkmod.verify(stage, plan, wait_s=60 if drain["drained"] else 5)
+        # the logs before the stop's own noise
+        plogs = [p.log_path.read_text(errors="replace") for p in procs]
+        # together: a cluster's process left alone waits for its peers and must be killed
+        with ThreadPoolExecutor(len(procs)) as pool:
+            list(pool.map(self.stop, procs))
+        started = sinkmod.cluster_started_at(plogs)
+        end = check["last_status_update"] or time.time()
+        begin = started or launched
+        n = len(plan.messages) if drain["drained"] else drain["decided"]
+        timed = {
+            "drained": drain["drained"],
+            "stalled": bool(drain.get("stalled")),
+            "processor_died": bool(drain.get("died")),
+            "processor_problems": [p for text in plogs for p in sinkmod.log_problems(text)],
+            "decided": drain["decided"],
+            "startup_s": round(begin - launched, 2),
+            "drain_s": round(end - begin, 2),
+            "sink_rate": sinkmod.rate(n, end - begin),
+            "sink_rate_incl_startup": sinkmod.rate(n, end - launched),
+            # steadier than the rate on a shared machine: what the processes spent per trade
+            "processor_cpu_us_per_trade": sinkmod.per_trade_us(cpu_s, n),
+            "machine_cores_busy": cores,
+            "verification": {k: v for k, v in check.items() if k != "last_status_update"},
+        }
+        log(
+            f"  {label}: {timed['sink_rate']} trades/s ({n:,} in {timed['drain_s']}s after a"
+            f" {timed['startup_s']}s start-up, {timed['processor_cpu_us_per_trade']} µs processor"
+            " CPU a trade); verification"
+            f" {'OK' if check['ok'] else 'FAILED: ' + '; '.join(check['problems'])}"
+        )
+        return timed
+
     def sink_phases(self) -> None:
         m = self.mode
         self.phase(f"sink: pre-load {m.sink_messages:,} trades, then time the processor")
         plan = sinkmod.make_plan(m.sink_messages, self.run_id)
         stage = self.stage("sink")
         load_info = sinkmod.preload(stage, plan)
-        groups: GroupMeter | None = None
         launched = time.time()
         processor = self.processor("sink-processor", stage.env)
-        groups = GroupMeter({"processor": processor.pid})
-        drain = sinkmod.drain_progress(
-            stage, len(plan.messages), m.drain_timeout, processor.alive, m.stall_s
-        )
-        cores = groups.stop()
-        log("  verifying the store (rows, sampled versions, every status)")
-        check = sinkmod.verify(stage, plan, wait_s=60 if drain["drained"] else 5)
-        plog = processor.log_path.read_text(errors="replace")  # before the stop's own noise
-        self.stop(processor)
-        started = sinkmod.processor_started_at(plog)
-        end = check["last_status_update"] or time.time()
-        begin = started or launched
-        n = len(plan.messages) if drain["drained"] else drain["decided"]
-        sink = {
+        timed = self.timed_drain("sink", stage, plan, [processor], launched)
+        self.phases["sink"] = {
             "workload": sinkmod.expected_summary(plan),
             **load_info,
             "processor_workers": self.args.processor_workers,
-            "drained": drain["drained"],
-            "stalled": bool(drain.get("stalled")),
-            "processor_died": bool(drain.get("died")),
-            "processor_problems": sinkmod.log_problems(plog),
-            "decided": drain["decided"],
-            "startup_s": round(begin - launched, 2),
-            "drain_s": round(end - begin, 2),
-            "sink_rate": sinkmod.rate(n, end - begin),
-            "sink_rate_incl_startup": sinkmod.rate(n, end - launched),
-            "machine_cores_busy": cores,
-            "verification": {k: v for k, v in check.items() if k != "last_status_update"},
+            **timed,
         }
-        self.phases["sink"] = sink
-        log(
-            f"  sink: {sink['sink_rate']} trades/s ({n:,} in {sink['drain_s']}s after a"
-            f" {sink['startup_s']}s start-up); verification"
-            f" {'OK' if check['ok'] else 'FAILED: ' + '; '.join(check['problems'])}"
-        )
 
         self.phase("storage ceiling: the same rows and statuses straight into fresh stores")
         ceil_stage = self.stage("ceiling")
@@ -606,6 +656,37 @@ class Run:
             f" {'OK' if ccheck['ok'] else 'FAILED: ' + '; '.join(ccheck['problems'])}"
         )
 
+    def scale_phase(self) -> None:
+        """The same pre-loaded workload drained by each processor shape of SCALE_SHAPES."""
+        m = self.mode
+        if self.profile != "services":
+            self.phases["scale"] = {
+                "skipped": "services profile only (embedded: one host's SQLite files)"
+            }
+            return
+        shapes = ", ".join(sinkmod.shape_label(*s) for s in sinkmod.SCALE_SHAPES)
+        self.phase(f"scale: {m.sink_messages:,} pre-loaded trades drained by {shapes}")
+        plan = sinkmod.make_plan(m.sink_messages, self.run_id)
+        runs: dict[str, Any] = {}
+        for processes, workers in sinkmod.SCALE_SHAPES:
+            label = sinkmod.shape_label(processes, workers)
+            log(f"  scale {label}: {processes} process(es) x {workers} worker(s)")
+            stage = self.stage(f"scale-{label}")
+            # sized for this cluster, as README "Scaling out" says
+            stage.env["TRADE_STORE_RECOVERY_PARTITIONS"] = str(processes * workers)
+            load_info = sinkmod.preload(stage, plan)
+            launched = time.time()
+            procs = self.cluster(f"scale-{label}", stage.env, processes, workers)
+            timed = self.timed_drain(f"scale {label}", stage, plan, procs, launched)
+            runs[label] = {"processes": processes, "workers": workers, **load_info, **timed}
+            stage.cleanup()  # the next shape's topic and table on a lighter Kafka/dynoxide
+            self.stages.remove(stage)
+        self.phases["scale"] = {
+            "workload": sinkmod.expected_summary(plan),
+            **sinkmod.scale_summary(runs),
+            "runs": runs,
+        }
+
     # -- the whole run --------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
         phases = set(self.args.phases.split(","))
@@ -624,6 +705,7 @@ class Run:
                 ("ndjson", self.ndjson_phase),
                 ("overload", self.overload_phase),
                 ("sink", self.sink_phases),
+                ("scale", self.scale_phase),
             ):
                 if name in phases:
                     self.guarded(name, step)
@@ -666,6 +748,8 @@ class Run:
         b100 = batch.get("batch100_fixed", {})
         ndjson = p.get("ndjson", {})
         over = p.get("overload", {})
+        scale = p.get("scale", {})
+        replay_rate = p.get("replay", {}).get("replay_rate")  # the replay phase's (issue 13)
         doc: dict[str, Any] = {
             "profile": self.profile,
             "mode": "quick" if self.mode.quick else "full",
@@ -713,6 +797,19 @@ class Run:
                 else None
             ),
             "sink_verified": sink.get("verification", {}).get("ok"),
+            **{
+                f"scale_{sinkmod.shape_label(*shape)}_sink_rate": scale.get("sink_rates", {}).get(
+                    sinkmod.shape_label(*shape)
+                )
+                for shape in sinkmod.SCALE_SHAPES
+            },
+            "scale_verified": scale.get("verified"),
+            "replay_rate": replay_rate,
+            "replay_vs_sink": (
+                round(replay_rate / sink["sink_rate"], 3)
+                if replay_rate and sink.get("sink_rate")
+                else None
+            ),
             "errors": self.errors,
             "phases": p,
         }
@@ -758,7 +855,9 @@ def main(args: Any) -> int:
         log("interrupted; cleaned up")
         return 130
     write(doc, Path(args.out))
-    failed = doc.get("errors") or doc.get("sink_verified") is False
+    failed = (
+        doc.get("errors") or doc.get("sink_verified") is False or doc.get("scale_verified") is False
+    )
     return 1 if failed else 0
 
 

@@ -29,6 +29,9 @@ from bench.stack import log
 
 STALE_SHARE = 0.04
 CEILING_BATCH = 1000
+# (processes, workers per process) of the scale phase: threads of one process against
+# processes of one cluster, at the same total of two workers (issue 13)
+SCALE_SHAPES = ((1, 1), (1, 2), (2, 1))
 
 
 @dataclass
@@ -234,7 +237,12 @@ def ceiling_batches(plan: SinkPlan) -> list[tuple[list[TradeRow], list[TerminalR
 
 
 def drain_progress(
-    stage: Stage, total: int, timeout: float, alive: Callable[[], bool], stall_s: float = 45
+    stage: Stage,
+    total: int,
+    timeout: float,
+    alive: Callable[[], bool],
+    stall_s: float = 45,
+    label: str = "sink",
 ) -> dict[str, Any]:
     """Poll the decision log until every message is decided, time runs out, or nothing has
     been decided for ``stall_s`` seconds (the processor is stuck: no point waiting)."""
@@ -247,7 +255,7 @@ def drain_progress(
         try:
             n = stage.decided()
         except Exception as exc:  # the store may be busy for a moment
-            log(f"  sink: progress query failed ({exc}); retrying")
+            log(f"  {label}: progress query failed ({exc}); retrying")
             continue
         now = time.monotonic()
         if n and first_seen is None:
@@ -255,7 +263,7 @@ def drain_progress(
         rate = (n - last_n) / (now - last_t)
         if n > last_n:
             progressed = now
-        log(f"  sink: {n:,}/{total:,} decided ({rate:,.0f}/s now, {now - started:.0f}s)")
+        log(f"  {label}: {n:,}/{total:,} decided ({rate:,.0f}/s now, {now - started:.0f}s)")
         last_n, last_t = n, now
         if n >= total:
             return {"drained": True, "decided": n, "first_seen": first_seen}
@@ -264,7 +272,7 @@ def drain_progress(
         if not alive():
             return {"drained": False, "decided": n, "first_seen": first_seen, "died": True}
         if now - progressed > stall_s:
-            log(f"  sink: nothing decided for {stall_s:.0f}s: the processor is stuck")
+            log(f"  {label}: nothing decided for {stall_s:.0f}s: the processor is stuck")
             return {"drained": False, "decided": n, "first_seen": first_seen, "stalled": True}
 
 
@@ -280,6 +288,41 @@ def processor_started_at(log_text: str) -> float | None:
             except (ValueError, KeyError):
                 return None
     return None
+
+
+def cluster_started_at(log_texts: list[str]) -> float | None:
+    """When the last process of a cluster logged "processor started" (one process: its own
+    start); None when any did not log it."""
+    starts = [processor_started_at(text) for text in log_texts]
+    if not starts or None in starts:
+        return None
+    return max(s for s in starts if s is not None)
+
+
+def shape_label(processes: int, workers: int) -> str:
+    return f"{processes}x{workers}"
+
+
+def scale_summary(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each shape's sink_rate, its ratio to one process of one worker, and the processor CPU
+    it spent per trade."""
+    rates = {label: run.get("sink_rate") for label, run in runs.items()}
+    base = rates.get(shape_label(1, 1))
+    return {
+        "sink_rates": rates,
+        "cpu_us_per_trade": {
+            label: run.get("processor_cpu_us_per_trade") for label, run in runs.items()
+        },
+        "speedup": {
+            label: round(value / base, 2) if value and base else None
+            for label, value in rates.items()
+        },
+        "verified": all(run["verification"]["ok"] for run in runs.values()) if runs else None,
+    }
+
+
+def per_trade_us(cpu_s: float, n: int) -> float | None:
+    return round(cpu_s * 1e6 / n, 1) if n else None
 
 
 def rate(n: int, seconds: float | None) -> float | None:
