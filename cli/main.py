@@ -229,6 +229,42 @@ def parser() -> argparse.ArgumentParser:
     )
     add.add_argument("--rate", metavar="WRITES/READS", help="this client's quotas per second")
     keys.set_defaults(handler=_keys)
+
+    # replay (README "Replay and backfill"): the handler lives in cli/replay.py.
+    def _replay(settings: Settings, args: argparse.Namespace) -> int:
+        from cli import replay
+
+        return replay.run(settings, args)
+
+    replay = command("replay", "replay a stretch of the queue into a trade store, then stop")
+    replay.add_argument(
+        "--from",
+        dest="start",
+        required=True,
+        metavar="beginning|TIMESTAMP|offsets:FILE",
+        help="where each partition starts: the beginning, the first record at or after an"
+        " ISO-8601 timestamp (UTC unless it says), or a JSON file of partition: offset",
+    )
+    replay.add_argument(
+        "--until",
+        default="now",
+        metavar="now|TIMESTAMP",
+        help="where it ends: the high watermarks when it starts (now), or the first record"
+        " at or after a timestamp",
+    )
+    replay.add_argument(
+        "--target-db", required=True, help="the trade store to write: a SQLite path or a URL"
+    )
+    replay.add_argument(
+        "--statuses",
+        choices=["skip", "write"],
+        default="skip",
+        help="skip (default): write no statuses; write: to the live status store",
+    )
+    replay.add_argument("--workers", type=int, help="Bytewax workers in this process")
+    replay.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    replay.add_argument("--yes", action="store_true", help="do not ask before replaying")
+    replay.set_defaults(handler=_replay)
     return root
 
 
