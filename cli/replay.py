@@ -434,7 +434,8 @@ def replay(
     )
     planned = sum(b.count for b in bounds)
     quiet_decisions()
-    before, read_before, dead_before = rows(url), counted("records_read"), counted("dead_letters")
+    before, decided_before = rows(url), decisions()
+    read_before, dead_before = counted("records_read"), counted("dead_letters")
     recovery = Path(tempfile.mkdtemp(prefix="trade-store-replay-"))
     started = time.monotonic()
     reached_end = False
@@ -461,7 +462,7 @@ def replay(
         elapsed_s=time.monotonic() - started,
         rows_before=before,
         rows_after=rows(url),
-        decided=decisions(),
+        decided={k: n - decided_before.get(k, 0) for k, n in decisions().items()},
         dead_letters=counted("dead_letters") - dead_before,
     )
 
