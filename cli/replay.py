@@ -172,6 +172,8 @@ def plan(extent: Extent, start: Start, until: datetime | None) -> list[Bound]:
     if isinstance(start, datetime) and until is not None and until < start:
         raise UsageError(f"--until {until.isoformat()} is before --from {start.isoformat()}")
     marks = extent.watermarks()
+    if not marks:
+        raise UsageError("the queue has no partitions: does the topic exist?")
     if isinstance(start, datetime):
         starts = extent.positions_at(start)
     elif start == BEGINNING:

@@ -7,12 +7,15 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
+from cli import replay
 from cli.replay import (
     BEGINNING,
     Bound,
     Summary,
     UsageError,
+    Watch,
     bound,
     format_plan,
     parse_from,
@@ -23,6 +26,7 @@ from cli.replay import (
     shown,
     target_url,
 )
+from tests.support import wait_for
 
 T0 = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
 
@@ -151,3 +155,25 @@ def test_the_summary() -> None:
     assert lines[1] == "target rows: 3 -> 8 (+5)"
     assert lines[3].split() == ["FAILED", "STALE_VERSION", "3"]
     assert lines[4].split() == ["SUCCESS", "-", "7"]
+
+
+def test_a_queue_without_partitions_is_refused() -> None:
+    class Missing(FakeExtent):
+        def watermarks(self) -> dict[int, tuple[int, int]]:
+            return {}
+
+    with pytest.raises(UsageError, match="no partitions"):
+        plan(Missing(), BEGINNING, None)
+
+
+def test_progress_without_a_terminal_is_a_log_line_every_few_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(replay, "PROGRESS_LOG_EVERY_S", 0.05)
+    done = iter(range(10, 1000, 10))
+    with capture_logs() as logs, Watch(1000, lambda: next(done), tty=False):
+        wait_for(lambda: len(logs) >= 3, 5, "three progress lines", every=0.01)
+    lines = [e for e in logs if e["event"] == "replay progress"]
+    assert [e["done"] for e in lines[:3]] == [10, 20, 30]
+    assert all(e["total"] == 1000 for e in lines)
+    assert all(e["rate_per_s"] > 0 and e["eta_s"] >= 0 for e in lines)
