@@ -162,6 +162,37 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay_arguments(replay: argparse.ArgumentParser) -> None:
+    """The flags of ``replay`` (README "Replay and backfill")."""
+    replay.add_argument(
+        "--from",
+        dest="start",
+        required=True,
+        metavar="beginning|TIMESTAMP|offsets:FILE",
+        help="where each partition starts: the beginning, the first record at or after an"
+        " ISO-8601 timestamp (UTC unless it says), or a JSON file of partition: offset",
+    )
+    replay.add_argument(
+        "--until",
+        default="now",
+        metavar="now|TIMESTAMP",
+        help="where it ends: the high watermarks when it starts (now), or the first record"
+        " at or after a timestamp",
+    )
+    replay.add_argument(
+        "--target-db", required=True, help="the trade store to write: a SQLite path or a URL"
+    )
+    replay.add_argument(
+        "--statuses",
+        choices=["skip", "write"],
+        default="skip",
+        help="skip (default): write no statuses; write: to the live status store",
+    )
+    replay.add_argument("--workers", type=int, help="Bytewax workers in this process")
+    replay.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    replay.add_argument("--yes", action="store_true", help="do not ask before replaying")
+
+
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -243,6 +274,16 @@ def parser() -> argparse.ArgumentParser:
     status = command("status", "lag, throughput, dead letters, oldest pending, row counts")
     status.add_argument("--json", action="store_true", help="one JSON object (README: Status)")
     status.set_defaults(handler=_status)
+
+    # replay (README "Replay and backfill"): the handler lives in cli/replay.py.
+    def _replay(settings: Settings, args: argparse.Namespace) -> int:
+        from cli import replay
+
+        return replay.run(settings, args)
+
+    replay = command("replay", "replay a stretch of the queue into a trade store, then stop")
+    _replay_arguments(replay)
+    replay.set_defaults(handler=_replay)
     return root
 
 

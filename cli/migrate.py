@@ -23,9 +23,14 @@ def migrate(settings: Settings) -> None:
     if settings.embedded:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         wiring.inbound_log(settings).ensure_schema()  # refuses another partition count
-    config = Config()
-    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
-    config.set_main_option("sqlalchemy.url", settings.trade_store_url.replace("%", "%%"))
-    command.upgrade(config, "head")
+    upgrade(settings.trade_store_url)
     log.info(f"trade store ({settings.profile}): migrated to head")
     log.info(f"status store: {wiring.prepare_status_store(settings)} ready")
+
+
+def upgrade(url: str) -> None:
+    """Bring the trade store at ``url`` to the latest schema (a replay's target, too)."""
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(config, "head")

@@ -157,7 +157,7 @@ def run(
         )
     except (BytewaxRuntimeError, KeyboardInterrupt) as exc:
         # Bytewax reports a signal as an error; for us it is the normal way to stop.
-        if not _interrupted(exc):
+        if not interrupted(exc):
             raise
     finally:
         for sweeper in sweepers:
@@ -167,7 +167,8 @@ def run(
         log.info("processor stopped")
 
 
-def _interrupted(exc: BaseException | None) -> bool:
+def interrupted(exc: BaseException | None) -> bool:
+    """Whether Bytewax stopped because of a signal (SIGINT, or SIGTERM as one)."""
     while exc is not None:
         if isinstance(exc, KeyboardInterrupt) or "signal received" in str(exc):
             return True
