@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import pytest
@@ -34,7 +34,7 @@ from adapters import wiring
 from adapters.dynamodb import DynamoStatusStore, make_client
 from adapters.sql import SqlTradeStore, make_engine
 from config.settings import Settings
-from tests.support import free_port
+from tests.support import free_port, stop
 
 SERVICES = Path(__file__).resolve().parent.parent / "scripts" / "services"
 DATABASE_VAR = "TRADE_STORE_TEST_DATABASE_URL"
@@ -187,6 +187,29 @@ def service_endpoints() -> Iterator[Endpoints]:
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def own_topics(settings: Settings, folder: Path, **update: Any) -> Settings:
+    """``settings`` with topics and a recovery folder of the test's own; the topics created."""
+    own = settings.model_copy(
+        update={
+            "inbound_topic": unique("inbound"),
+            "dlq_topic": unique("dlq"),
+            "recovery_dir": folder / "recovery",
+            **update,
+        }
+    )
+    wiring.create_topics(own)
+    return own
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts; each stopped at its end, whatever happened."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for child in started:
+        stop(child)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -138,14 +137,6 @@ def test_bulk_append(embedded: Settings) -> None:
     assert log.append_many(message(f"B{i}", 1) for i in range(100)) == 100
     with sqlite3.connect(log.path) as conn:
         assert conn.execute("SELECT count(*) FROM inbound_log").fetchone()[0] == 100
-
-
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for child in started:
-        stop(child)
 
 
 def test_processor_restart_loses_nothing(

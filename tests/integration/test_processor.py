@@ -23,7 +23,7 @@ from domain.deadline import deadline_ms
 from domain.message import TradeMessage, encode
 from domain.status import RequestState, RequestStatus
 from domain.trade import Trade
-from tests.conftest import settings_env, unique
+from tests.conftest import own_topics, settings_env, unique
 from tests.support import free_port, start, stop, wait_for
 
 TODAY = business_today("UTC")
@@ -31,17 +31,8 @@ TODAY = business_today("UTC")
 
 @pytest.fixture
 def own(migrated: Settings, tmp_path: Path) -> Settings:
-    """This test's own topics, status table and recovery folder."""
-    settings = migrated.model_copy(
-        update={
-            "inbound_topic": unique("inbound"),
-            "dlq_topic": unique("dlq"),
-            "recovery_dir": tmp_path / "recovery",
-            "source_batch_size": 50,
-        }
-    )
-    wiring.create_topics(settings)
-    return settings
+    """This test's own topics and recovery folder."""
+    return own_topics(migrated, tmp_path, source_batch_size=50)
 
 
 class Processor:

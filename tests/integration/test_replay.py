@@ -34,7 +34,7 @@ from config.settings import Settings
 from domain.message import TradeMessage, encode
 from domain.status import RequestStatus
 from domain.trade import Trade
-from tests.conftest import settings_env, unique
+from tests.conftest import own_topics, settings_env, unique
 from tests.support import start, stop, wait_for
 
 TODAY = business_today("UTC")
@@ -262,19 +262,6 @@ def log_positions(settings: Settings) -> Positions:
 # --- services: Kafka, PostgreSQL, DynamoDB ----------------------------------------------
 
 
-def own_topic(migrated: Settings, tmp: Path) -> Settings:
-    settings = migrated.model_copy(
-        update={
-            "inbound_topic": unique("inbound"),
-            "dlq_topic": unique("dlq"),
-            "recovery_dir": tmp / "recovery",
-            "source_batch_size": 50,
-        }
-    )
-    wiring.create_topics(settings)
-    return settings
-
-
 def produce(settings: Settings, messages: list[TradeMessage]) -> None:
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers})
     for m in messages:
@@ -289,7 +276,9 @@ def produce(settings: Settings, messages: list[TradeMessage]) -> None:
 
 @pytest.fixture(scope="module")
 def services_live(migrated: Settings, tmp_path_factory: pytest.TempPathFactory) -> Live:
-    settings = own_topic(migrated, tmp_path_factory.mktemp("replay-services"))
+    settings = own_topics(
+        migrated, tmp_path_factory.mktemp("replay-services"), source_batch_size=50
+    )
     live = Live(settings, history(), settings.database_url.get_secret_value())
     produce(settings, live.messages)
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers})
@@ -445,7 +434,7 @@ def test_embedded_bounded_replay_starts_and_ends_where_the_plan_said(tmp_path: P
 def test_services_bounded_replay_starts_and_ends_where_the_plan_said(
     migrated: Settings, tmp_path: Path, schema: str
 ) -> None:
-    settings = own_topic(migrated, tmp_path)
+    settings = own_topics(migrated, tmp_path, source_batch_size=50)
     groups = [[message(unique(f"T{g}"), 1) for _ in range(20)] for g in range(3)]
     for group in groups:
         produce(settings, group)

@@ -9,7 +9,6 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from config.settings import Settings
 from domain.message import TradeMessage, encode
 from domain.status import RequestState, RequestStatus
 from domain.trade import Trade
-from tests.conftest import settings_env, unique
+from tests.conftest import own_topics, settings_env, unique
 from tests.support import free_port, start, stop, wait_for, write_pending
 
 TODAY = business_today("UTC")
@@ -60,14 +59,6 @@ def message(trade_id: str, version: int, accepted_at: datetime) -> TradeMessage:
         accepted_at=accepted_at,
         trade=Trade(trade_id, version, "CP-1", "B1", TODAY + timedelta(days=30), TODAY),
     )
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        stop(proc)
 
 
 @pytest.fixture
@@ -112,17 +103,17 @@ def settled(settings: Settings, decided: int) -> dict[str, Any] | None:
 
 
 def test_embedded_status_follows_the_processor(
-    embedded: Settings, processes: list[subprocess.Popen[bytes]]
+    embedded: Settings, children: list[subprocess.Popen[bytes]]
 ) -> None:
     now = datetime.now(UTC)
     first = [message(unique("T"), 1, now), message(unique("T"), 1, now)]
     queue_embedded(embedded, first)
     env = settings_env(embedded)
-    processes.append(start("status-embedded-1", ["process"], env))
+    children.append(start("status-embedded-1", ["process"], env))
     shown = wait_for(lambda: settled(embedded, 2), 60, "the first two decided", every=0.5)
     assert shown["rows"] == {"trades": 2, "trades_live": 2, "trades_expired": 0, "decision_log": 2}
     assert shown["oldest_pending_age_seconds"] is None
-    assert stop(processes.pop()) == 0
+    assert stop(children.pop()) == 0
 
     # Queued while the processor is stopped, 20 s ago: one stale version and a poison record.
     earlier = now - timedelta(seconds=20)
@@ -144,7 +135,7 @@ def test_embedded_status_follows_the_processor(
     assert behind["dead_letters"] == 0
     assert behind["rows"]["trades"] == 2
 
-    processes.append(start("status-embedded-2", ["process"], env))
+    children.append(start("status-embedded-2", ["process"], env))
     after = wait_for(lambda: settled(embedded, 5), 60, "the rest decided", every=0.5)
     assert after["rows"] == {"trades": 4, "trades_live": 4, "trades_expired": 0, "decision_log": 5}
     assert after["dead_letters"] == 1
@@ -181,20 +172,11 @@ def test_embedded_status_with_the_log_unreadable_shows_the_rest(embedded: Settin
 
 @pytest.fixture
 def services(migrated: Settings, tmp_path: Path) -> Settings:
-    settings = migrated.model_copy(
-        update={
-            "inbound_topic": unique("inbound-status"),
-            "dlq_topic": unique("dlq-status"),
-            "recovery_dir": tmp_path / "recovery",
-            "snapshot_interval_seconds": 0.5,
-        }
-    )
-    wiring.create_topics(settings)
-    return settings
+    return own_topics(migrated, tmp_path, snapshot_interval_seconds=0.5)
 
 
 def test_services_status_follows_the_processor(
-    services: Settings, processes: list[subprocess.Popen[bytes]]
+    services: Settings, children: list[subprocess.Popen[bytes]]
 ) -> None:
     before = status_json(services)  # the session's store may hold other tests' rows
     assert before["lag"]["total"] == 0
@@ -216,7 +198,7 @@ def test_services_status_follows_the_processor(
     assert behind["throughput"]["accepted_per_second"] == round(4 / 60, 2)
     assert behind["rows"] == before["rows"]
 
-    processes.append(start("status-services", ["process"], settings_env(services)))
+    children.append(start("status-services", ["process"], settings_env(services)))
     decided = before["rows"]["decision_log"] + 3
     after = wait_for(lambda: settled(services, decided), 90, "all decided", every=0.5)
     rows = {k: v + (3 if k != "trades_expired" else 0) for k, v in before["rows"].items()}
