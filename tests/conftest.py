@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import pytest
 from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from adapters import wiring
 from adapters.dynamodb import DynamoStatusStore, make_client
@@ -264,6 +265,22 @@ def migrated(service_settings: Settings) -> Iterator[Settings]:
     wiring.create_topics(service_settings)
     yield service_settings
     delete_queues_and_statuses(service_settings)
+
+
+@pytest.fixture
+def own_schema(migrated: Settings) -> Iterator[str]:
+    """The URL of an empty PostgreSQL schema of this test's own (dropped afterwards): a
+    store no other test of the session writes to, nor sweeps."""
+    name = f"own_{uuid.uuid4().hex[:10]}"
+    base = migrated.database_url.get_secret_value()
+    engine = make_engine(base, 1)
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {name}"))
+    url = make_url(base).update_query_dict({"options": f"-csearch_path={name}"})
+    yield url.render_as_string(hide_password=False)
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA {name} CASCADE"))
+    engine.dispose()
 
 
 def delete_queues_and_statuses(settings: Settings) -> None:

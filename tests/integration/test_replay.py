@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +18,6 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from sqlalchemy import select, text
-from sqlalchemy.engine import make_url
 
 from adapters import wiring
 from adapters.inbound_log import APPEND, decode_headers, encode_headers, partition_of
@@ -287,21 +285,6 @@ def services_live(migrated: Settings, tmp_path_factory: pytest.TempPathFactory) 
     return run_live(live)
 
 
-@pytest.fixture
-def schema(migrated: Settings) -> Iterator[str]:
-    """The URL of an empty PostgreSQL schema of this test's own (dropped afterwards)."""
-    name = f"replay_{uuid.uuid4().hex[:10]}"
-    base = migrated.database_url.get_secret_value()
-    engine = make_engine(base, 1)
-    with engine.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {name}"))
-    url = make_url(base).update_query_dict({"options": f"-csearch_path={name}"})
-    yield url.render_as_string(hide_password=False)
-    with engine.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {name} CASCADE"))
-    engine.dispose()
-
-
 def topic_records(settings: Settings) -> list[tuple[int, int, int, str | None]]:
     """(partition, offset, timestamp ms, request_id) of every record of the topic."""
     consumer = Consumer(
@@ -338,7 +321,7 @@ def target(live: Live, request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """An empty target: a SQLite path (embedded; not even its folder exists) or a schema."""
     if live.settings.embedded:
         return str(tmp_path / "copy" / "trades.db")
-    url: str = request.getfixturevalue("schema")
+    url: str = request.getfixturevalue("own_schema")
     return url
 
 
@@ -432,7 +415,7 @@ def test_embedded_bounded_replay_starts_and_ends_where_the_plan_said(tmp_path: P
 
 
 def test_services_bounded_replay_starts_and_ends_where_the_plan_said(
-    migrated: Settings, tmp_path: Path, schema: str
+    migrated: Settings, tmp_path: Path, own_schema: str
 ) -> None:
     settings = own_topics(migrated, tmp_path, source_batch_size=50)
     groups = [[message(unique(f"T{g}"), 1) for _ in range(20)] for g in range(3)]
@@ -446,6 +429,6 @@ def test_services_bounded_replay_starts_and_ends_where_the_plan_said(
         last = max(stamp[m.request_id] for m in earlier)
         return datetime.fromtimestamp((last + min(stamp[m.request_id] for m in later)) / 2000, UTC)
 
-    rows = bounded(settings, between(*groups[:2]), between(*groups[1:]), schema)
+    rows = bounded(settings, between(*groups[:2]), between(*groups[1:]), own_schema)
     assert_plan(rows, [(p, o, rid) for p, o, _, rid in records], groups)
-    assert all_trade_ids(schema) == {m.trade.trade_id for m in groups[1]}
+    assert all_trade_ids(own_schema) == {m.trade.trade_id for m in groups[1]}

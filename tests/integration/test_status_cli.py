@@ -15,10 +15,12 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Producer
+from pydantic import SecretStr
 
 from adapters import wiring
 from adapters.inbound_log import APPEND, encode_headers
 from adapters.sqlite_file import write_once
+from cli.migrate import upgrade
 from config.clock import business_today
 from config.settings import Settings
 from domain.message import TradeMessage, encode
@@ -171,8 +173,13 @@ def test_embedded_status_with_the_log_unreadable_shows_the_rest(embedded: Settin
 
 
 @pytest.fixture
-def services(migrated: Settings, tmp_path: Path) -> Settings:
-    return own_topics(migrated, tmp_path, snapshot_interval_seconds=0.5)
+def services(migrated: Settings, tmp_path: Path, own_schema: str) -> Settings:
+    """A trade store of its own: the session's is swept by other tests' processors (old
+    decisions deleted, matured trades expired), which would move the counts compared."""
+    upgrade(own_schema)
+    return own_topics(
+        migrated, tmp_path, database_url=SecretStr(own_schema), snapshot_interval_seconds=0.5
+    )
 
 
 def test_services_status_follows_the_processor(
