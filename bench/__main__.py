@@ -34,8 +34,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--phases",
-        default="api,e2e,batch,ndjson,overload,sink,scale",
-        help="comma-separated subset of api,e2e,batch,ndjson,overload,sink,scale",
+        default="api,e2e,batch,ndjson,overload,sink,scale,replay",
+        help="comma-separated subset of api,e2e,batch,ndjson,overload,sink,scale,replay",
     )
     p.add_argument(
         "--app-root",

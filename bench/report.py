@@ -147,6 +147,7 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{_fmt(doc.get('replay_rate'), '/s')} ({_fmt(doc.get('replay_vs_sink'))})",
             "replay_vs_sink",
         ),
+        ("replay store verified (rows = live store's)", _fmt(doc.get("replay_verified")), ""),
         (
             "batch100_trades_per_s (p99 ack ≤ 200 ms, processor running)",
             _fmt(doc.get("batch100_trades_per_s"), "/s"),

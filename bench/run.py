@@ -20,6 +20,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+
+from bench import replay as replaymod
 from bench import sink as sinkmod
 from bench import vegeta
 from bench.load import LoadSpec, batch_body, kept_rate, run_load, summarize, trade_body
@@ -35,6 +38,7 @@ from bench.stack import (
     connections_per_process,
     free_port,
     log,
+    reap,
     start,
     start_http,
     wait_until,
@@ -126,6 +130,8 @@ class Run:
         self.phases: dict[str, Any] = {}
         self.phase_no = 0
         self.errors: list[str] = []
+        # the sink phase's stage and plan once its queue is drained: what the replay replays
+        self.drained: tuple[Stage, sinkmod.SinkPlan] | None = None
 
     # -- plumbing -------------------------------------------------------------------------
     def phase(self, title: str) -> None:
@@ -627,6 +633,8 @@ class Run:
         launched = time.time()
         processor = self.processor("sink-processor", stage.env)
         timed = self.timed_drain("sink", stage, plan, [processor], launched)
+        if timed["drained"]:
+            self.drained = (stage, plan)
         self.phases["sink"] = {
             "workload": sinkmod.expected_summary(plan),
             **load_info,
@@ -687,6 +695,68 @@ class Run:
             "runs": runs,
         }
 
+    def replay_phase(self) -> None:
+        """``trade-store replay --from beginning`` of the sink phase's drained queue into a
+        fresh trade store holding the sink's seed, timed, and checked against the live store
+        the sink built (bench/replay.py)."""
+        if self.drained is None:
+            self.phases["replay"] = {
+                "skipped": "needs the sink phase's drained queue (--phases sink,replay)"
+            }
+            return
+        live, plan = self.drained
+        n = len(plan.messages)
+        self.phase(f"replay: the sink's {n:,} queued trades into a fresh trade store")
+        target = self.stage("replay-target")
+        target.seed(plan.seed)  # the trades older than the queue, as the live store had them
+        workers = str(self.args.processor_workers)
+        command = ["replay", "--from", "beginning", "--target-db", target.sql_url()]
+        command += ["--workers", workers, "--yes"]
+        groups = GroupMeter({})
+        launched = time.monotonic()
+        proc = self.spawn("replay", ["-m", "cli.main", *command], live.env)
+        cpu_s = reap(proc.popen, self.mode.drain_timeout)
+        wall = time.monotonic() - launched
+        cores = groups.stop()
+        # the replay had exited when the meter stopped: its share is wait4's, out of "other"
+        cores["replay"] = round(cpu_s / wall, 3)
+        cores["other"] = round(max(0.0, cores["other"] - cores["replay"]), 3)
+        self.stop(proc)
+        text = proc.log_path.read_text(errors="replace")
+        report = replaymod.finished(text)
+        target_rows = int(target.scalar("SELECT count(*) FROM trades"))
+        live_rows = int(live.scalar("SELECT count(*) FROM trades"))
+        problems = replaymod.check(
+            report,
+            proc.popen.returncode,
+            n,
+            replaymod.expected_decisions(plan),
+            target_rows,
+            live_rows,
+        )
+        phase = {
+            "command": " ".join(["trade-store", *command]).replace(
+                target.sql_url(), make_url(target.sql_url()).render_as_string()
+            ),
+            "statuses": "skip",
+            "exit_code": proc.popen.returncode,
+            **replaymod.figures(report, wall, cpu_s),
+            "decisions": report.get("decisions") if report else None,
+            "target_rows": target_rows,
+            "live_rows": live_rows,
+            "verified": not problems,
+            "problems": problems,
+            "replay_log_problems": sinkmod.log_problems(text),
+            "machine_cores_busy": cores,
+        }
+        self.phases["replay"] = phase
+        log(
+            f"  replay: {phase['replay_rate']} records/s ({phase['records']} in"
+            f" {phase['elapsed_s']}s; {phase['replay_rate_incl_startup']}/s launch to exit),"
+            f" {phase['replay_cpu_us_per_record']} µs CPU a record; verification"
+            f" {'OK' if not problems else 'FAILED: ' + '; '.join(problems)}"
+        )
+
     # -- the whole run --------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
         phases = set(self.args.phases.split(","))
@@ -706,6 +776,7 @@ class Run:
                 ("overload", self.overload_phase),
                 ("sink", self.sink_phases),
                 ("scale", self.scale_phase),
+                ("replay", self.replay_phase),
             ):
                 if name in phases:
                     self.guarded(name, step)
@@ -749,7 +820,7 @@ class Run:
         ndjson = p.get("ndjson", {})
         over = p.get("overload", {})
         scale = p.get("scale", {})
-        replay_rate = p.get("replay", {}).get("replay_rate")  # the replay phase's (issue 13)
+        replay_rate = p.get("replay", {}).get("replay_rate")
         doc: dict[str, Any] = {
             "profile": self.profile,
             "mode": "quick" if self.mode.quick else "full",
@@ -805,6 +876,7 @@ class Run:
             },
             "scale_verified": scale.get("verified"),
             "replay_rate": replay_rate,
+            "replay_verified": p.get("replay", {}).get("verified"),
             "replay_vs_sink": (
                 round(replay_rate / sink["sink_rate"], 3)
                 if replay_rate and sink.get("sink_rate")
@@ -855,10 +927,13 @@ def main(args: Any) -> int:
         log("interrupted; cleaned up")
         return 130
     write(doc, Path(args.out))
-    failed = (
-        doc.get("errors") or doc.get("sink_verified") is False or doc.get("scale_verified") is False
-    )
-    return 1 if failed else 0
+    return 1 if failed(doc) else 0
+
+
+def failed(doc: dict[str, Any]) -> bool:
+    """A phase failed, or a store it built did not verify (a phase not run verifies nothing)."""
+    verdicts = (doc.get("sink_verified"), doc.get("scale_verified"), doc.get("replay_verified"))
+    return bool(doc.get("errors")) or False in verdicts
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -131,6 +131,21 @@ class Proc:
         return self.popen.returncode
 
 
+def reap(popen: subprocess.Popen[bytes], timeout: float) -> float:
+    """Wait for ``popen`` to exit, killing it after ``timeout`` seconds; set its exit status
+    and return the CPU seconds the kernel accounted to it (user + sys, from ``wait4``)."""
+    watchdog = threading.Timer(timeout, popen.kill)
+    watchdog.start()
+    try:
+        _, status, usage = os.wait4(popen.pid, 0)
+    finally:
+        watchdog.cancel()
+        if popen.returncode is None and popen.poll() is None:
+            popen.kill()
+    popen.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
+
+
 def start(name: str, args: list[str], env: dict[str, str], logs: Path) -> Proc:
     """Start ``python ARGS`` from the repository root, logging to ``logs/NAME.log``."""
     logs.mkdir(parents=True, exist_ok=True)

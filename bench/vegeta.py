@@ -10,9 +10,7 @@ the rest of the harness; its CPU is the kernel's account of the vegeta process (
 from __future__ import annotations
 
 import base64
-import os
 import subprocess
-import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,7 +20,7 @@ from typing import Any
 import orjson
 
 from bench.load import percentile
-from bench.stack import ROOT
+from bench.stack import ROOT, reap
 
 BINARY = ROOT / ".tools" / "bin" / "vegeta"
 VERSION = "v12.13.0"
@@ -100,20 +98,11 @@ def run(attack: Attack, bodies: Iterable[bytes], workdir: Path) -> dict[str, Any
     ]
     with stem.with_suffix(".log").open("wb") as err:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stderr=err)  # noqa: S603
-    watchdog = threading.Timer(attack.duration + attack.timeout + 60, proc.kill)
-    watchdog.start()
-    try:
-        _, status, usage = os.wait4(proc.pid, 0)
-    finally:
-        watchdog.cancel()
-        if proc.returncode is None and proc.poll() is None:
-            proc.kill()
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    cpu = reap(proc, attack.duration + attack.timeout + 60)
     if proc.returncode != 0:
         tail = stem.with_suffix(".log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"vegeta attack exited {proc.returncode}: {tail}")
     summary = summarize(attack, decode(results))
-    cpu = usage.ru_utime + usage.ru_stime
     sent = summary["requests_sent"]
     summary["gen_cpu_s"] = round(cpu, 3)
     summary["gen_cpu_us_per_req"] = round(cpu * 1e6 / sent, 1) if sent else None
