@@ -194,7 +194,7 @@ class KafkaTradeQueue:
         self._poller.join(timeout=1)
 
 
-def _admin(bootstrap: str) -> AdminClient:
+def admin_client(bootstrap: str) -> AdminClient:
     return AdminClient({"bootstrap.servers": bootstrap, "logger": kafka_logger()})  # type: ignore[dict-item]
 
 
@@ -218,7 +218,7 @@ def ensure_topics(
     takes can be dead-lettered whole: set when it is created, raised (never lowered) when an
     earlier version created it smaller. The sources are created first, to read their limit.
     """
-    admin = _admin(bootstrap)
+    admin = admin_client(bootstrap)
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     sized = dead_letters or {}
     sources = {name: parts for name, parts in topics.items() if name not in sized}
@@ -328,7 +328,7 @@ def dead_letter_producer_config(bootstrap: str, topic: str, timeout_ms: int) -> 
     One record per batch: the broker refuses a whole batch for its size, so with one record
     a size refusal names the record at fault. Dead letters are rare; throughput is no issue.
     """
-    admin = _admin(bootstrap)
+    admin = admin_client(bootstrap)
     try:
         limit = max_message_bytes(admin, {topic}, timeout_ms / 1000)[topic]
     except KafkaException as exc:
@@ -449,9 +449,20 @@ def _stored(msg: Message) -> StoredDeadLetter:
     )
 
 
-# What `trade-store status` reads of the topics (cli/status.py); every call is bounded.
-def status_admin(bootstrap: str) -> AdminClient:
-    return _admin(bootstrap)
+# Where a topic stands (the processor's lag, `status`, `replay`); every call is bounded.
+def kafka_watermarks(
+    admin: AdminClient, topic: str, timeout_s: float = 2.0
+) -> dict[int, tuple[int, int]]:
+    """Per partition of ``topic``, its (low, high) watermarks, in two requests."""
+    meta = admin.list_topics(topic, timeout=timeout_s).topics[topic]
+    parts = [TopicPartition(topic, p) for p in meta.partitions]
+
+    def offsets(spec: OffsetSpec) -> dict[int, int]:
+        futures = admin.list_offsets(dict.fromkeys(parts, spec), request_timeout=timeout_s)
+        return {tp.partition: f.result().offset for tp, f in futures.items()}
+
+    low, high = offsets(OffsetSpec.earliest()), offsets(OffsetSpec.latest())  # type: ignore[no-untyped-call]
+    return {p: (low[p], high[p]) for p in high}
 
 
 def offsets_since(

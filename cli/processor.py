@@ -21,10 +21,10 @@ from bytewax.errors import BytewaxRuntimeError
 from bytewax.outputs import Sink
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
-from confluent_kafka.admin import AdminClient
 from prometheus_client import REGISTRY, start_http_server
 
 from adapters import wiring
+from adapters.kafka import admin_client, kafka_watermarks
 from cli.sweeps import ExpirySweeper, Periodic, RetentionSweeper
 from config import tracing
 from config.runtime import tune_gc
@@ -32,7 +32,7 @@ from config.settings import Settings, get_settings
 from dataflows.trades import build_flow
 from domain.dead_letter import DeadLetter
 from sinks.dead_letter import KafkaDeadLetterSink, SqliteDeadLetterSink
-from sinks.metrics import QueueLag, SnapshotReader, kafka_lag, kafka_watermarks, log_backlog
+from sinks.metrics import QueueLag, SnapshotReader, kafka_lag, log_backlog
 from sources.kafka import KAFKA_STEP, kafka_inbound
 from sources.sqlite_log import SqliteLogSource
 
@@ -87,7 +87,7 @@ def serve_metrics(settings: Settings, flow_id: str, process_id: int) -> Callable
             snapshots, lambda positions: log_backlog(path, partitions, positions), partition_of
         )
     else:
-        admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+        admin = admin_client(settings.kafka_bootstrap_servers)
         topic = settings.inbound_topic
         lag = QueueLag(
             snapshots,

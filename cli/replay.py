@@ -33,8 +33,6 @@ from bytewax.errors import BytewaxRuntimeError
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from bytewax.recovery import RecoveryConfig
 from bytewax.run import cli_main
-from confluent_kafka import TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 from prometheus_client import REGISTRY
 from rich.console import Console
 from rich.progress import (
@@ -55,18 +53,18 @@ from sqlalchemy.engine import make_url
 from structlog.typing import EventDict
 
 from adapters import wiring
+from adapters.kafka import admin_client, kafka_watermarks, offsets_since
 from adapters.sql import SqlTradeStore, make_engine
 from adapters.tables import trades
 from cli.migrate import upgrade
 from cli.processor import ensure_recovery_dir, interrupted
-from config.logs import kafka_logger
 from config.runtime import tune_gc
 from config.settings import Settings
 from dataflows.trades import build_flow
 from domain.dead_letter import DeadLetter
 from domain.ports import OutcomeWriter
 from domain.status import Outcome
-from sinks.metrics import DECISIONS, kafka_watermarks
+from sinks.metrics import DECISIONS
 from sources.kafka import BoundedKafkaSource
 from sources.sqlite_log import LogExtent, SqliteLogSource
 
@@ -220,8 +218,7 @@ class TopicExtent:
     broker's append time: the topic is created with LogAppendTime)."""
 
     def __init__(self, brokers: str, topic: str, timeout_s: float = 10.0) -> None:
-        config = {"bootstrap.servers": brokers, "logger": kafka_logger()}
-        self._admin = AdminClient(config)  # type: ignore[arg-type]
+        self._admin = admin_client(brokers)
         self._topic = topic
         self._timeout_s = timeout_s
 
@@ -231,12 +228,8 @@ class TopicExtent:
     def positions_at(self, when: datetime) -> dict[int, int]:
         """Kafka's ListOffsets by timestamp (what ``offsets_for_times`` asks)."""
         meta = self._admin.list_topics(self._topic, timeout=self._timeout_s).topics[self._topic]
-        spec = OffsetSpec.for_timestamp(int(when.timestamp() * 1000))
-        futures = self._admin.list_offsets(
-            {TopicPartition(self._topic, p): spec for p in meta.partitions},
-            request_timeout=self._timeout_s,
-        )
-        found = {tp.partition: f.result().offset for tp, f in futures.items()}
+        since_ms = int(when.timestamp() * 1000)
+        found = offsets_since(self._admin, self._topic, meta.partitions, since_ms, self._timeout_s)
         return {p: offset for p, offset in found.items() if offset >= 0}
 
     def count(self, partition: int, start: int, end: int) -> int:

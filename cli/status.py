@@ -26,12 +26,11 @@ from confluent_kafka import KafkaError, KafkaException
 
 from adapters import wiring
 from adapters.inbound_log import appended_since, dead_letter_count, first_accepted_after, read_only
-from adapters.kafka import offsets_since, record_timestamps, status_admin
+from adapters.kafka import admin_client, kafka_watermarks, offsets_since, record_timestamps
 from config.clock import business_today, utc_now
 from config.settings import Settings
 from sinks.metrics import (
     kafka_lag,
-    kafka_watermarks,
     latest_snapshots,
     log_backlog,
     queue_positions,
@@ -116,7 +115,7 @@ class KafkaTopics:
 
     def __init__(self, settings: Settings) -> None:
         self._bootstrap = settings.kafka_bootstrap_servers
-        self._admin = status_admin(self._bootstrap)
+        self._admin = admin_client(self._bootstrap)
         self._inbound = settings.inbound_topic
         self._dlq = settings.dlq_topic
 

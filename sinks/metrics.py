@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from confluent_kafka import TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 from prometheus_client import Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -150,21 +148,6 @@ def kafka_lag(
     """Services: per partition, high watermark − next offset to read. A partition not
     read yet (no snapshot, or Bytewax's 'beginning' sentinel) starts at its low watermark."""
     return {p: high - max(low, positions.get(p, low)) for p, (low, high) in watermarks.items()}
-
-
-def kafka_watermarks(
-    admin: AdminClient, topic: str, timeout_s: float = 2.0
-) -> dict[int, tuple[int, int]]:
-    """Per partition of ``topic``, its (low, high) watermarks, in two requests."""
-    meta = admin.list_topics(topic, timeout=timeout_s).topics[topic]
-    parts = [TopicPartition(topic, p) for p in meta.partitions]
-
-    def offsets(spec: OffsetSpec) -> dict[int, int]:
-        futures = admin.list_offsets(dict.fromkeys(parts, spec), request_timeout=timeout_s)
-        return {tp.partition: f.result().offset for tp, f in futures.items()}
-
-    low, high = offsets(OffsetSpec.earliest()), offsets(OffsetSpec.latest())  # type: ignore[no-untyped-call]
-    return {p: (low[p], high[p]) for p in high}
 
 
 class SnapshotReader:

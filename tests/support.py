@@ -15,8 +15,9 @@ from typing import TypeVar
 
 from adapters.sqlite_file import write_once
 from adapters.sqlite_status import PUT_PENDING, SqliteStatusStore
+from domain.message import TradeMessage
 from domain.ports import DecisionStore
-from domain.status import Outcome, RequestStatus
+from domain.status import Outcome, RequestState, RequestStatus
 from domain.trade import Decision, Trade
 from domain.use_cases import record_dead_letters, record_decisions
 
@@ -79,6 +80,18 @@ def record(store: DecisionStore, decided: Sequence[Decision]) -> list[Outcome]:
 def record_failed(store: DecisionStore, failed: Sequence[Outcome]) -> list[Outcome]:
     """The processor's use case for dead letters, stamped now."""
     return record_dead_letters(store, failed, datetime.now(UTC))
+
+
+def pending_of(m: TradeMessage) -> RequestStatus:
+    """The PENDING record the intake writes for ``m``."""
+    return RequestStatus(
+        m.request_id,
+        RequestState.PENDING,
+        m.trade.trade_id,
+        m.trade.version,
+        m.accepted_at,
+        m.accepted_at,
+    )
 
 
 def write_pending(store: SqliteStatusStore, *statuses: RequestStatus) -> None:

@@ -39,7 +39,7 @@ from bench.stream import run_stream
 from config.clock import business_today, utc_now
 from config.settings import Settings
 from domain.idempotency import Answer, KeyRecord, fingerprint, scoped
-from tests.conftest import settings_env, unique
+from tests.conftest import own_topics, settings_env, unique
 from tests.support import free_port, start, stop, wait_for
 
 TODAY = business_today("UTC")
@@ -97,15 +97,7 @@ def stack(
         )
     else:
         migrated: Settings = request.getfixturevalue("migrated")
-        settings = migrated.model_copy(
-            update={
-                "inbound_topic": unique("feeds-inbound"),
-                "dlq_topic": unique("feeds-dlq"),
-                "recovery_dir": Path(tmp_path_factory.mktemp("feeds-recovery")),
-                **QUOTAS_OFF,
-            }
-        )
-        wiring.create_topics(settings)
+        settings = own_topics(migrated, tmp_path_factory.mktemp("feeds"), **QUOTAS_OFF)
     settings = settings.model_copy(update={"port": free_port()})
     processor = start(
         f"feeds-processor-{request.param}", ["process", "--no-migrate"], settings_env(settings)

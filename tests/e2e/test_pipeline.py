@@ -12,7 +12,6 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
-from pathlib import Path
 
 import httpx
 import pytest
@@ -21,7 +20,7 @@ from adapters import wiring
 from config.clock import business_today
 from config.settings import Settings
 from domain.trade import Trade
-from tests.conftest import settings_env, unique
+from tests.conftest import own_topics, settings_env, unique
 from tests.support import free_port, start, stop, upsert, wait_for
 
 TODAY = business_today("UTC")
@@ -44,14 +43,7 @@ def stack(
         processes = [start("e2e-dev", ["dev"], settings_env(settings))]
     else:
         migrated: Settings = request.getfixturevalue("migrated")
-        settings = migrated.model_copy(
-            update={
-                "inbound_topic": unique("e2e-inbound"),
-                "dlq_topic": unique("e2e-dlq"),
-                "recovery_dir": Path(tmp_path_factory.mktemp("e2e-recovery")),
-                "port": port,
-            }
-        )
+        settings = own_topics(migrated, tmp_path_factory.mktemp("e2e"), port=port)
         env = settings_env(settings)
         processes = [start("e2e-api", ["serve"], env), start("e2e-processor", ["process"], env)]
     client = httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=10)

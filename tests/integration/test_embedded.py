@@ -25,7 +25,7 @@ from domain.ports import Submission, Unavailable
 from domain.status import RequestState, RequestStatus
 from domain.trade import Trade
 from tests.conftest import settings_env, unique
-from tests.support import start, stop, wait_for, write_pending
+from tests.support import pending_of, start, stop, wait_for, write_pending
 
 TODAY = business_today("UTC")
 
@@ -50,17 +50,6 @@ def embedded(tmp_path: Path) -> Settings:
     )
     wiring.create_topics(settings)
     return settings
-
-
-def pending_of(m: TradeMessage) -> RequestStatus:
-    return RequestStatus(
-        m.request_id,
-        RequestState.PENDING,
-        m.trade.trade_id,
-        m.trade.version,
-        m.accepted_at,
-        m.accepted_at,
-    )
 
 
 def test_intake_commits_pending_and_log_entry_together(embedded: Settings) -> None:

@@ -24,10 +24,9 @@ from cli.migrate import upgrade
 from config.clock import business_today
 from config.settings import Settings
 from domain.message import TradeMessage, encode
-from domain.status import RequestState, RequestStatus
 from domain.trade import Trade
 from tests.conftest import own_topics, settings_env, unique
-from tests.support import free_port, start, stop, wait_for, write_pending
+from tests.support import free_port, pending_of, start, stop, wait_for, write_pending
 
 TODAY = business_today("UTC")
 # What the queue alone gives; with it down, the rest is still shown.
@@ -80,20 +79,7 @@ def embedded(tmp_path: Path) -> Settings:
 def queue_embedded(settings: Settings, messages: list[TradeMessage]) -> None:
     """As the embedded intake queues them: each PENDING record with its log entry."""
     statuses = wiring.status_store(settings)
-    write_pending(
-        statuses,  # type: ignore[arg-type]
-        *(
-            RequestStatus(
-                m.request_id,
-                RequestState.PENDING,
-                m.trade.trade_id,
-                m.trade.version,
-                m.accepted_at,
-                m.accepted_at,
-            )
-            for m in messages
-        ),
-    )
+    write_pending(statuses, *(pending_of(m) for m in messages))  # type: ignore[arg-type]
     wiring.inbound_log(settings).append_many(messages)
 
 
