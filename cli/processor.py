@@ -8,6 +8,7 @@ runner (pass -r/-s/-b for recovery yourself); ``trade-store process`` does it fo
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -35,23 +36,26 @@ from sinks.dead_letter import KafkaDeadLetterSink, SqliteDeadLetterSink
 from sinks.metrics import QueueLag, SnapshotReader, kafka_lag, log_backlog
 from sources.kafka import KAFKA_STEP, kafka_inbound
 from sources.sqlite_log import SqliteLogSource
+from sources.stoppable import Stoppable
 
 log = structlog.get_logger("processor")
 
 INBOUND_STEP = "inbound-log"
 
 
-def flow(settings: Settings | None = None) -> Dataflow:
-    """The trade dataflow wired for the configured profile."""
+def flow(settings: Settings | None = None, stop: threading.Event | None = None) -> Dataflow:
+    """The trade dataflow wired for the configured profile; its input ends once ``stop``
+    is set (never, without one: under Bytewax's own runner)."""
     cfg = settings or get_settings()
     log_path = wiring.inbound_log_path(cfg)
+    until = stop or threading.Event()
 
     def inbound(f: Dataflow) -> Stream[Any]:
         if cfg.embedded:
             source = SqliteLogSource(log_path, cfg.inbound_partitions, cfg.source_batch_size)
-            return op.input(INBOUND_STEP, f, source)
+            return op.input(INBOUND_STEP, f, Stoppable(source, until))
         return kafka_inbound(
-            f, cfg.kafka_bootstrap_servers, cfg.inbound_topic, cfg.source_batch_size
+            f, cfg.kafka_bootstrap_servers, cfg.inbound_topic, until, cfg.source_batch_size
         )
 
     dead_letters: Sink[DeadLetter] = (
@@ -123,10 +127,16 @@ def run(
     process_id: int | None = None,
     addresses: list[str] | None = None,
 ) -> None:
-    """Run until SIGINT/SIGTERM: create topics if missing, sweep expiry, process the queue."""
-    # Explicitly: a process started in the background inherits SIGINT as ignored.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    """Run until SIGINT/SIGTERM: create topics if missing, sweep expiry, process the queue.
+
+    The first signal ends the input, so the dataflow finishes what it has read, snapshots
+    and returns; a second one interrupts it at once (a restart redoes the rest).
+    """
+    stop = threading.Event()
+    # SIGINT too: a process started in the background inherits it as ignored.
+    on_signal = stop_then_interrupt(stop)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     sweepers: list[Periodic] = []
     stop_metrics: Callable[[], None] | None = None
     try:
@@ -135,7 +145,7 @@ def run(
             log.info("topics created", topics=created)
         ensure_recovery_dir(settings.recovery_path, settings.recovery_partitions)
         tracing.configure(settings.tracing, "trade-store-processor")
-        dataflow = flow(settings)
+        dataflow = flow(settings, stop)
         trades = wiring.trade_store(settings)  # one engine for both sweeps
         sweepers = [
             ExpirySweeper(trades, settings.business_timezone, settings.expiry_check_seconds),
@@ -156,7 +166,7 @@ def run(
             recovery_config=RecoveryConfig(settings.recovery_path),
         )
     except (BytewaxRuntimeError, KeyboardInterrupt) as exc:
-        # Bytewax reports a signal as an error; for us it is the normal way to stop.
+        # Bytewax reports a second signal as an error; for us it is a way to stop.
         if not interrupted(exc):
             raise
     finally:
@@ -176,5 +186,13 @@ def interrupted(exc: BaseException | None) -> bool:
     return False
 
 
-def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+def stop_then_interrupt(stop: threading.Event) -> Callable[[int, FrameType | None], None]:
+    """A signal handler: the first signal sets ``stop``, any later one interrupts."""
+
+    def handle(_signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        log.info("processor stopping")
+
+    return handle

@@ -11,46 +11,62 @@ of the partition as it is when reached (``tail=False``), which moves while the A
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any, cast
 
 import structlog
 from bytewax import operators as op
-from bytewax.connectors.kafka import KafkaError, KafkaSourceMessage
-from bytewax.connectors.kafka import operators as kop
-from bytewax.dataflow import Dataflow, Stream
+from bytewax.connectors.kafka import KafkaError, KafkaSource, KafkaSourceMessage
+from bytewax.connectors.kafka.operators import KafkaOpOut
+from bytewax.dataflow import Dataflow, Stream, operator
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka import KafkaError as ConsumerError
 
 from config.logs import kafka_logger
+from sources.stoppable import Stoppable
 
 log = structlog.get_logger("sources.kafka")
 KAFKA_STEP = "kafka-inbound"
+Message = KafkaSourceMessage[bytes | None, bytes | None]
+Error = KafkaError[bytes | None, bytes | None]
 
 
-def log_consumer_error(step_id: str, error: KafkaError[bytes | None, bytes | None]) -> None:
+def log_consumer_error(step_id: str, error: Error) -> None:
     """Consumer errors carry no trade; librdkafka retries them, so they are only logged."""
     log.warning("kafka consumer error", step_id=step_id, error=str(error.err))
 
 
 def kafka_inbound(
-    flow: Dataflow, brokers: str, topic: str, batch_size: int = 1000
-) -> Stream[KafkaSourceMessage[bytes | None, bytes | None]]:
-    """Read ``topic`` from the beginning (or the recovered offsets) and tail it."""
-    out = kop.input(
-        KAFKA_STEP,
-        flow,
-        brokers=brokers.split(","),
-        topics=[topic],
+    flow: Dataflow, brokers: str, topic: str, stop: threading.Event, batch_size: int = 1000
+) -> Stream[Message]:
+    """Read ``topic`` from the beginning (or the recovered offsets) and tail it, until
+    ``stop`` is set."""
+    source = KafkaSource(
+        brokers.split(","),
+        [topic],
         add_config={"enable.partition.eof": "false", "logger": kafka_logger()},  # type: ignore[dict-item]
         batch_size=batch_size,
+        raise_on_errors=False,  # consumer errors come as items, to be logged
     )
+    out = _kafka_input(KAFKA_STEP, flow, Stoppable(source, stop))
     op.inspect("log-consumer-errors", out.errs, log_consumer_error)
     return out.oks
 
 
-Message = KafkaSourceMessage[bytes | None, bytes | None]
+@operator
+def _kafka_input(
+    step_id: str, flow: Dataflow, source: FixedPartitionedSource[Message | Error, int | None]
+) -> KafkaOpOut[Message, Error]:
+    """Bytewax's ``kafka.operators.input`` over a source of our own: the same steps, so
+    the offsets are snapshotted under the same step id as before."""
+    split = op.branch(
+        "split_err",
+        op.input("kafka_input", flow, source),
+        lambda item: isinstance(item, KafkaSourceMessage),
+    )
+    return KafkaOpOut(cast(Stream[Message], split.trues), cast(Stream[Error], split.falses))
 
 
 class _BoundedPartition(StatefulSourcePartition[Message, int]):

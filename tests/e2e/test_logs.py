@@ -1,9 +1,10 @@
-"""The logs of real `serve` and `process` processes (embedded profile): in JSON mode every
-line either writes is JSON, uvicorn's own included; the console shows a hostile request
-path escaped; the API's normal stop prints no traceback."""
+"""The logs of real `serve` and `process` processes: in JSON mode every line either writes
+is JSON, uvicorn's own included; the console shows a hostile request path escaped; the
+normal stop of either prints no traceback."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pty
@@ -13,14 +14,24 @@ import socket
 import subprocess
 import sys
 import threading
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from adapters import wiring
+from cli.status import queue_of, read_positions
+from config.clock import business_today
 from config.settings import Settings
-from tests.conftest import settings_env
-from tests.support import LOGS, free_port, start, stop, wait_for
+from domain.message import TradeMessage
+from domain.ports import Submission
+from domain.status import RequestState
+from domain.trade import Trade
+from tests.conftest import own_topics, settings_env, unique
+from tests.support import LOGS, free_port, pending_of, start, stop, wait_for
 
 # Percent-encoded, as a client can send it: clear the screen, ring the bell, then a
 # right-to-left override; the API logs the decoded path (a 404 is logged at INFO).
@@ -66,8 +77,7 @@ def send_raw(port: int, data: bytes) -> bytes:
 
 
 def test_json_logs_of_serve_are_json_lines_to_the_last(tmp_path: Path) -> None:
-    """``serve`` on ``auto`` (off a TTY: JSON), SIGTERMed. (The processor's own stop still
-    ends with Bytewax's panic text: README, Logs.)"""
+    """``serve`` on ``auto`` (off a TTY: JSON), SIGTERMed."""
     settings = Settings(profile="embedded", data_dir=tmp_path / "data", port=free_port())
     env = settings_env(settings)
     serve_log = fresh_log("logs-serve")
@@ -95,6 +105,66 @@ def test_json_logs_of_serve_are_json_lines_to_the_last(tmp_path: Path) -> None:
     text = serve_log.read_text().lower()
     assert "panic" not in text
     assert "traceback" not in text
+
+
+def submit(settings: Settings, trade_id: str) -> str:
+    """One trade through the API's own intake (PENDING, then queued); its request id."""
+    today = business_today(settings.business_timezone)
+    sent = TradeMessage(
+        request_id=str(uuid.uuid4()),
+        correlation_id=unique("corr"),
+        accepted_on=today,
+        accepted_at=datetime.now(UTC),
+        trade=Trade(trade_id, 1, "CP-1", "B1", today + timedelta(days=30), today),
+    )
+
+    async def accept() -> None:
+        services = wiring.api_services(settings)
+        try:
+            await services.intake.accept(Submission([(pending_of(sent), sent)]))
+        finally:
+            services.close()
+
+    asyncio.run(accept())
+    return sent.request_id
+
+
+@pytest.mark.parametrize("profile", ["embedded", "services"])
+def test_the_processor_stops_on_sigterm_with_json_lines_to_the_last(
+    profile: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """SIGTERM ends the processor's input: it exits 0 without Bytewax's panic text, and
+    its last snapshot holds what it decided (a restart reads none of it again). Snapshots
+    are a minute apart, so only the one taken on the way out can hold it."""
+    base = (
+        Settings(profile="embedded", data_dir=tmp_path / "data")
+        if profile == "embedded"
+        else own_topics(request.getfixturevalue("migrated"), tmp_path)
+    )
+    settings = base.model_copy(update={"snapshot_interval_seconds": 60})
+    name = f"logs-process-{profile}"
+    log = fresh_log(name)
+    process = start(name, ["process"], settings_env(settings))
+    try:
+        wait_for(lambda: "processor started" in log.read_text(), 60, "processor started")
+        request_id = submit(settings, unique("T"))
+        statuses = wiring.status_store(settings)
+        decided = wait_for(
+            lambda: (s := statuses.get(request_id)) and s.state.terminal and s, 60, "decided"
+        )
+        assert decided.state is RequestState.SUCCESS
+    finally:
+        exit_code = stop(process, signal.SIGTERM)
+    assert exit_code == 0
+
+    events = [r["event"] for r in records(log)]
+    assert "processor stopping" in events
+    assert events[-1] == "processor stopped"
+    text = log.read_text().lower()
+    assert "panic" not in text
+    assert "traceback" not in text
+    positions, _ = read_positions(settings)
+    assert sum(queue_of(settings).lag(positions).values()) == 0
 
 
 def test_a_processor_that_cannot_start_logs_its_traceback_as_a_field(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from bytewax import operators as op
 from bytewax.dataflow import Dataflow
+from bytewax.inputs import FixedPartitionedSource
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 
 from dataflows.trades import build_flow
@@ -56,7 +57,9 @@ class Pipeline:
     dead: list[DeadLetter] = field(default_factory=list)
 
     def flow(self, items: Iterable[Any], batch_size: int = 10) -> Dataflow:
-        source = TestingSource(list(items), batch_size=batch_size)
+        return self.flow_of(TestingSource(list(items), batch_size=batch_size))
+
+    def flow_of(self, source: FixedPartitionedSource[Any, Any]) -> Dataflow:
         return build_flow(
             inbound=lambda f: op.input("inp", f, source),
             trades=lambda: self.trades,

@@ -71,7 +71,7 @@ def test_distinct_messages_are_limited_separately() -> None:
 
 CLIENTS_WITH_KAFKA_DOWN = textwrap.dedent(
     """
-    import sys, time
+    import sys, threading, time
     from bytewax.dataflow import Dataflow
     from confluent_kafka import Producer
     from adapters.kafka import ensure_topics, producer_config
@@ -83,7 +83,7 @@ CLIENTS_WITH_KAFKA_DOWN = textwrap.dedent(
     # The processor's clients: Bytewax's consumer per partition, built by its own KafkaSource
     # from our add_config, and the dead-letter producer (the API's is the same config).
     flow = Dataflow("logs")
-    kafka_inbound(flow, brokers, "inbound")
+    kafka_inbound(flow, brokers, "inbound", threading.Event())
     source = flow.substeps[0].substeps[0].source
     parts = [source.build_part("inbound", f"{i}-inbound", None) for i in range(12)]
     producer = Producer(producer_config(brokers, 5000, 5))
