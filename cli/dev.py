@@ -1,6 +1,6 @@
 """`trade-store dev`: the API and the processor as two supervised child processes.
 
-Ctrl-C or SIGTERM stops both cleanly; if either dies, the other is stopped too and the
+Ctrl-C, SIGTERM or SIGHUP stops both cleanly; if either dies, the other is stopped too and the
 command exits non-zero, so a broken half never keeps running unnoticed.
 """
 
@@ -61,8 +61,11 @@ def run(settings: Settings, host: str, port: int) -> int:
         "TRADE_STORE_PORT": str(port),
     }
     command = [sys.executable, "-m", "cli.main"]
-    named = {  # migrated once, above: the children start on it
-        name: subprocess.Popen([*command, name, "--no-migrate"], env=env)  # noqa: S603
+    # Migrated once, above: the children start on it. Each in a process group of its own,
+    # so a Ctrl-C reaches only this process, which stops each child with one SIGTERM (the
+    # processor takes a second signal as an interrupt).
+    named = {
+        name: subprocess.Popen([*command, name, "--no-migrate"], env=env, process_group=0)  # noqa: S603
         for name in ("process", "serve")
     }
     children = list(named.values())
@@ -74,6 +77,7 @@ def run(settings: Settings, host: str, port: int) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGHUP, request_stop)  # the terminal closed: its hangup is ours only
     where = settings.data_dir.resolve() if settings.embedded else "Kafka/PostgreSQL/DynamoDB"
     log.info(
         f"trade-store dev ({settings.profile}): API on http://{host}:{port}/docs, data in"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -114,3 +115,34 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         )
     assert result.returncode == 2
     assert f"127.0.0.1:{port} is already in use" in result.stderr
+
+
+def test_ctrl_c_stops_both_children_without_a_traceback(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C signals its whole foreground process group: dev alone gets it
+    and stops each child with one SIGTERM (the processor takes a second as an interrupt,
+    uvicorn's workers a SIGINT of their own as a KeyboardInterrupt)."""
+    settings = Settings(profile="embedded", data_dir=tmp_path / "data", port=free_port())
+    client = httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=10)
+    log = LOGS / "dev-ctrl-c.log"
+    log.unlink(missing_ok=True)
+    LOGS.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        dev = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "dev"],
+            env=settings_env(settings),
+            stdout=out,
+            stderr=out,
+            start_new_session=True,  # its own group, as a shell's foreground job
+        )
+    try:
+        wait_for(lambda: healthy(client), 60, "API healthy")
+        wait_for(lambda: "processor started" in log.read_text(), 60, "processor started")
+        os.killpg(dev.pid, signal.SIGINT)
+        assert dev.wait(30) == 0
+    finally:
+        stop(dev, signal.SIGKILL)
+        client.close()
+    text = log.read_text().lower()
+    assert "processor stopped" in text
+    assert "panic" not in text
+    assert "traceback" not in text
