@@ -44,10 +44,11 @@ FLOOD_PATH = "/api/v1/trades?limit=1000"
 # to the next; under the suite's coverage tracing, 18 ms idle and 118 ms flooded, measured
 # before the store encoded pages itself). Before the read pool it was 170 ms untraced, with
 # health p50 at 636 ms (bounded below at 50 ms). The issue's target, twice the idle p99
-# (about 8 ms on a quiet machine), is NOT met: with the store writing each page's JSON (no
-# Python per row), medians of 3 runs measured 4 ms idle, 17 ms flooded (46 ms before); what
-# is left is the event loop's own work per flood request and the two cores the reads'
-# SQLite work and the flood's client share with it (README, Guarantees).
+# (about 10 ms on a quiet machine), is NOT met: with the store writing each page's JSON in
+# one statement (no Python per row), three runs measured 4.7-6.0 ms idle, 11-14 ms flooded
+# (2.25-2.35x; 46 ms while Python built each row); what is left is the read threads' share
+# of the two cores, which threads sharing the interpreter lock cannot give up safely
+# (README, Guarantees).
 FLOOD_P99_S = 0.250
 MAX_RSS_KB = 300 * 1024
 
