@@ -107,6 +107,7 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(default=16_384, ge=1_024)
     header_timeout_s: float = Field(default=10.0, gt=0)
     body_timeout_s: float = Field(default=30.0, gt=0)
+    keep_alive_timeout_s: float = Field(default=5.0, gt=0)  # an idle connection, then closed
     max_connections: int = Field(default=1_024, ge=1)
 
     @property

@@ -44,6 +44,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "http": LimitedHttpProtocol,
         # uvicorn refuses once the connections, the new one included, reach this number.
         "limit_concurrency": settings.max_connections + 1,
+        "timeout_keep_alive": settings.keep_alive_timeout_s,
     }
 
 

@@ -27,6 +27,7 @@ BODY_TIMEOUT_S = 2.0
 LATE_S = 1.5  # how late a timeout may act on a busy 2-core machine
 MAX_HEADER_BYTES = 16_384  # the default
 MAX_CONNECTIONS = 64  # above what the other tests open at once
+KEEP_ALIVE_S = 8.0  # not the default 5 s, so the test sees the setting act
 ANSWER_S = 10  # bound on any wait for an answer: without the limits none comes
 MATURITY = (business_today("UTC") + timedelta(days=30)).isoformat()
 PROBLEM = "application/problem+json"
@@ -74,6 +75,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         header_timeout_s=HEADER_TIMEOUT_S,
         body_timeout_s=BODY_TIMEOUT_S,
         max_connections=MAX_CONNECTIONS,
+        keep_alive_timeout_s=KEEP_ALIVE_S,
     ) as running:
         yield running
 
@@ -306,4 +308,20 @@ async def test_connections_over_the_cap_are_answered_429_at_once(server: Server)
         assert time.monotonic() < deadline, "a freed place was never given to a new client"
         await asyncio.sleep(0.05)
     for _, writer in held:
+        writer.close()
+
+
+async def test_an_idle_keep_alive_connection_is_closed_after_its_timeout(server: Server) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(get_live(200))
+        assert (await asyncio.wait_for(read_answer(reader), ANSWER_S)).status == 200
+        await asyncio.sleep(KEEP_ALIVE_S - 2)  # past the default 5 s, still open: served
+        writer.write(get_live(200))
+        assert (await asyncio.wait_for(read_answer(reader), ANSWER_S)).status == 200
+        answered = time.monotonic()
+        assert await closed(reader)
+        after = time.monotonic() - answered
+        assert KEEP_ALIVE_S - 0.1 <= after <= KEEP_ALIVE_S + LATE_S, f"closed after {after:.2f} s"
+    finally:
         writer.close()
