@@ -186,7 +186,7 @@ def _stored(row: Row[Any]) -> StoredTrade:
 
 def _document(dialect: str) -> ColumnElement[str]:
     """A row's JSON exactly as the API's own encoder writes it (``ingest_api.routes``'
-    ``_trades_json``: compact, fields in TradeOut's order, times in UTC with ``Z`` and
+    ``trades_json``: compact, fields in TradeOut's order, times in UTC with ``Z`` and
     microseconds unless zero), as one SQL text expression of ``dialect``."""
     postgres = dialect == "postgresql"
 

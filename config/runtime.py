@@ -17,8 +17,9 @@ def tune_gc() -> None:
 
 
 # How long a thread may hold the interpreter while another waits for it (Python's default:
-# 5 ms). An API worker's read threads are busy in Python for tens of ms a page; the event
-# loop acknowledging POSTs must not wait 5 ms for each turn it takes.
+# 5 ms). An API worker's status-read threads, and the threads that pass work to and from
+# its read processes, hold it while they work; the event loop acknowledging POSTs must not
+# wait 5 ms for each turn it takes.
 SWITCH_INTERVAL_S = 0.0005
 
 

@@ -96,10 +96,12 @@ class Settings(BaseSettings):
     quota_burst_seconds: int = Field(default=2, ge=1)  # a bucket holds this many seconds' rate
     quota_max_clients: int = Field(default=10_000, ge=1)  # buckets kept per policy (LRU)
 
-    # API reads and health (README "Health", "Profiles"): an API worker's reads run on
-    # read_threads threads of their own, at most max_waiting_reads more wait (then 429);
+    # API reads and health (README "Health", "Guarantees"): an API worker's status reads
+    # run on read_threads threads of its own, its trade reads in read_processes processes
+    # (0: on those threads); at most max_waiting_reads more wait for each (then 429);
     # each health probe's result is reused for health_cache_seconds.
     read_threads: int = Field(default=2, ge=1)
+    read_processes: int = Field(default=1, ge=0)
     max_waiting_reads: int = Field(default=64, ge=0)
     health_cache_seconds: float = Field(default=1.0, ge=0)
 

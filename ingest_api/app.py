@@ -18,7 +18,7 @@ from ingest_api import auth, batches, docs, metrics, openapi, problems, quotas, 
 from ingest_api.health import Health
 from ingest_api.middleware import BodyLimitMiddleware, CorrelationMiddleware
 from ingest_api.problems import UnexpectedErrorMiddleware
-from ingest_api.reads import ReadPool
+from ingest_api.reads import read_pool
 from ingest_api.routes import router
 from ingest_api.semantics import HttpSemanticsMiddleware, add_cors
 from ingest_api.tracing import TracingMiddleware
@@ -50,7 +50,10 @@ def create_app(
             settings.produce_timeout_ms / 1000 + INTAKE_GRACE_S,
             MOST_RETRY_AFTER_S,
         )
-        app.state.reads = ReadPool(settings.read_threads, settings.max_waiting_reads)
+        app.state.reads = read_pool(
+            settings, app.state.services.trades, own_stores=services is api_services
+        )
+        await app.state.reads.warm()
         app.state.health = Health(app.state.services, settings.health_cache_seconds)
         tune_gc()
         tune_switching()

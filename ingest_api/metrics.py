@@ -72,7 +72,7 @@ IN_FLIGHT = Gauge(
 REFUSALS = Counter(
     "trade_store_api_refusals",
     "429 and 503 answers by cause: rate_limited (a client's quota), overloaded (too much"
-    " in flight on the intake or a read thread), connections (a worker's connection cap),"
+    " in flight on the intake or a read pool), connections (a worker's connection cap),"
     " degraded (health), else the dependency a 503 names",
     ["status", "cause"],
 )

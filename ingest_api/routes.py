@@ -7,7 +7,6 @@ import base64
 import binascii
 import json
 from collections.abc import Callable
-from datetime import date
 from typing import Annotated, Any, TypeVar
 
 import orjson
@@ -17,7 +16,7 @@ from starlette.responses import Response
 from config.clock import business_today
 from config.settings import Settings
 from domain.message import normalise_id, valid_id, valid_version
-from domain.ports import StoredTrade, TradeFilter, TradeReader, Unavailable
+from domain.ports import TradeFilter, Unavailable
 from domain.use_cases import trade_page
 from ingest_api.auth import (
     AUTHENTICATED,
@@ -32,7 +31,7 @@ from ingest_api.deps import HealthDep, ReadsDep, ServicesDep, SettingsDep
 from ingest_api.openapi import HEADERS, UNAVAILABLE, problem
 from ingest_api.problems import ProblemError
 from ingest_api.quotas import OVER_QUOTA, quota
-from ingest_api.reads import ReadPool
+from ingest_api.reads import ReadPool, versions_of
 from ingest_api.schemas import (
     ID_SCHEMA,
     HealthOut,
@@ -185,7 +184,6 @@ def decode_cursor(cursor: str) -> tuple[str, int]:
 )
 async def list_trades(
     request: Request,
-    services: ServicesDep,
     settings: SettingsDep,
     reads: ReadsDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -195,9 +193,8 @@ async def list_trades(
     expired: bool | None = None,
 ) -> Response:
     """Stored trade versions ordered by (trade_id bytes, version); `Link: rel="next"` pages."""
-    body, following = await reads.run(
-        _page,
-        services.trades,
+    body, following = await reads.trades(
+        trade_page,
         decode_cursor(after) if after else None,
         limit,
         TradeFilter(book_id=book_id, counterparty_id=counterparty_id, expired=expired),
@@ -208,46 +205,6 @@ async def list_trades(
         url = request.url.include_query_params(after=encode_cursor(*following))
         headers["Link"] = f'<{settings.public_url(f"{url.path}?{url.query}")}>; rel="next"'
     return _encoded(200, body, headers)
-
-
-def _trades_json(rows: list[StoredTrade]) -> bytes:
-    """``TradeOut``'s JSON of each row, built by orjson straight from the rows (pydantic's
-    models took 7× longer; tests/unit/test_health.py holds the two equal). One trade's
-    versions are encoded here; a page of the listing is encoded by the store itself, to the
-    same bytes (tests/integration/test_encoded_page.py)."""
-    return orjson.dumps([_trade_fields(r) for r in rows], option=orjson.OPT_UTC_Z)
-
-
-def _trade_fields(stored: StoredTrade) -> dict[str, Any]:
-    t = stored.trade
-    return {
-        "trade_id": t.trade_id,
-        "version": t.version,
-        "counterparty_id": t.counterparty_id,
-        "book_id": t.book_id,
-        "maturity_date": t.maturity_date,
-        "created_date": t.created_date,
-        "expired": stored.expired,
-        "created_at": stored.created_at,
-        "updated_at": stored.updated_at,
-    }
-
-
-def _page(
-    trades: TradeReader,
-    after: tuple[str, int] | None,
-    limit: int,
-    where: TradeFilter,
-    as_of: date,
-) -> tuple[bytes, tuple[str, int] | None]:
-    """On a read thread: a page of trades, encoded by the store, and the next page's cursor."""
-    return trade_page(trades, after, limit, where, as_of)
-
-
-def _versions(trades: TradeReader, trade_id: str, as_of: date) -> bytes | None:
-    """On a read thread: every stored version of a trade, encoded; None if there is none."""
-    rows = trades.versions(trade_id, as_of)
-    return _trades_json(rows) if rows else None
 
 
 @router.get(
@@ -262,15 +219,13 @@ def _versions(trades: TradeReader, trade_id: str, as_of: date) -> bytes | None:
     },
     dependencies=[Depends(READS_TRADES), quota("reads")],
 )
-async def get_trade(
-    trade_id: PathId, services: ServicesDep, settings: SettingsDep, reads: ReadsDep
-) -> Response:
+async def get_trade(trade_id: PathId, settings: SettingsDep, reads: ReadsDep) -> Response:
     """Every stored version of one trade, ascending."""
     trade_id = normalise_id(trade_id)
     body = None
     if valid_id(trade_id):
         today = business_today(settings.business_timezone)
-        body = await reads.run(_versions, services.trades, trade_id, today)
+        body = await reads.trades(versions_of, trade_id, today)
     if body is None:
         raise ProblemError(404, "NOT_FOUND", "No such trade", field="trade_id")
     return _encoded(200, body)

@@ -13,7 +13,7 @@ from domain.message import TradeMessage
 from domain.ports import EncodedPage, StoredTrade, TradeFilter, Unavailable
 from domain.status import Batch, BatchProgress, Outcome, RequestState, RequestStatus
 from domain.trade import Trade, maturity_passed
-from ingest_api.routes import _trades_json
+from ingest_api.reads import trades_json
 
 
 def now() -> datetime:
@@ -91,7 +91,7 @@ class FakeTradeStore:
         rows = self.page(after, limit + 1, where, as_of)
         last = rows[:limit][-1].trade if rows else None
         key = (last.trade_id, last.version) if last else None
-        return EncodedPage(_trades_json(rows[:limit]), key, len(rows) > limit)
+        return EncodedPage(trades_json(rows[:limit]), key, len(rows) > limit)
 
     def expire(self, as_of: date) -> int:
         self._check()

@@ -3,7 +3,8 @@
 A real embedded API (`trade-store serve`, one worker) over a store seeded with 3,000
 trades: POST acknowledgement times, sequential, idle and then while 32 clients (another
 process) loop on `GET /api/v1/trades?limit=1000`; health's answer times under that flood;
-the worker's peak resident memory after it. Figures go to .services/test-logs/read-flood.json.
+the peak resident memory of the worker and its read process after it. Figures go to
+.services/test-logs/read-flood.json.
 """
 
 from __future__ import annotations
@@ -34,22 +35,19 @@ from tests.support import LOGS, free_port, start, stop, upsert, wait_for
 
 TODAY = business_today("UTC")
 ROWS = 3_000
-POSTS = 300  # of each kind, in ROUNDS rounds
+POSTS = 1000  # of each kind, in ROUNDS rounds
 ROUNDS = 5
 DRAIN_S = 1.0  # a paused flood's queued reads end within it
 CLIENTS = 32
 FLOOD_PATH = "/api/v1/trades?limit=1000"
-# The bound held today: flooded POST p99 under FLOOD_P99_S, or within twice the idle p99
-# when the machine itself is that slow (idle p99s of 4 to 50 ms were seen here from one run
-# to the next; under the suite's coverage tracing, 18 ms idle and 118 ms flooded, measured
-# before the store encoded pages itself). Before the read pool it was 170 ms untraced, with
-# health p50 at 636 ms (bounded below at 50 ms). The issue's target, twice the idle p99
-# (about 10 ms on a quiet machine), is NOT met: with the store writing each page's JSON in
-# one statement (no Python per row), three runs measured 4.7-6.0 ms idle, 11-14 ms flooded
-# (2.25-2.35x; 46 ms while Python built each row); what is left is the read threads' share
-# of the two cores, which threads sharing the interpreter lock cannot give up safely
-# (README, Guarantees).
-FLOOD_P99_S = 0.250
+# The bound held in the suite: flooded POST p99 under FLOOD_P99_S, or within twice the idle
+# p99 when the machine itself is that slow (idle p99s of 4 to 50 ms were seen here from one
+# run to the next). The issue's target, twice the idle p99, holds untraced with trade reads
+# in a read process (README, Guarantees): six runs here measured 6.2-8.1 ms idle, 10.2-15.5
+# ms flooded (1.47-1.91x; 2.25-2.35x on read threads, 170 ms before the read pool, health
+# p50 636 ms then). It is not asserted: under the suite's coverage tracing (the API and its
+# read process traced) two runs gave 2.43x and 0.99x, the idle p99 alone 10 to 32 ms.
+FLOOD_P99_S = 0.100
 MAX_RSS_KB = 300 * 1024
 
 
@@ -135,6 +133,10 @@ def memory_kb(pid: int) -> dict[str, int]:
     return {name: int(fields[name].split()[0]) for name in ("VmHWM", "VmRSS")}
 
 
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def test_reads_do_not_starve_writes_and_memory_stays_bounded(api: Api) -> None:
     """Idle and flooded rounds alternate, so both meet the same load from the machine's
     other users."""
@@ -167,6 +169,9 @@ def test_reads_do_not_starve_writes_and_memory_stays_bounded(api: Api) -> None:
         out, _ = flood.communicate(timeout=30)
     codes = {int(k): v for k, v in json.loads(out).items()}
     memory = memory_kb(api.process.pid)
+    # The read processes, and multiprocessing's resource tracker.
+    readers = [memory_kb(child) for child in children(api.process.pid)]
+    peak_kb = memory["VmHWM"] + sum(r["VmHWM"] for r in readers)
 
     figures = {
         "post_p99_ms": {"idle": p99(idle) * 1000, "flooded": p99(flooded) * 1000},
@@ -183,7 +188,7 @@ def test_reads_do_not_starve_writes_and_memory_stays_bounded(api: Api) -> None:
             "flooded": [round(t * 1000, 1) for t in sorted(flooded)[-5:]],
         },
         "flood_answers": codes,
-        "memory_kb": memory,
+        "memory_kb": {"api": memory, "read_processes": readers, "peak_sum": peak_kb},
     }
     LOGS.mkdir(parents=True, exist_ok=True)
     (LOGS / "read-flood.json").write_text(json.dumps(figures, indent=2))
@@ -193,4 +198,4 @@ def test_reads_do_not_starve_writes_and_memory_stays_bounded(api: Api) -> None:
     assert codes.get(200, 0) >= 100  # a real flood: pages of 1,000 served all along
     assert p99(flooded) <= max(FLOOD_P99_S, 2 * p99(idle)), figures
     assert statistics.median(flooded_health) < 0.05, figures
-    assert memory["VmHWM"] <= MAX_RSS_KB, figures
+    assert peak_kb <= MAX_RSS_KB, figures

@@ -1,5 +1,5 @@
 """The listing's JSON as the database writes it equals, byte for byte, the API's own encoding
-of the same rows (``_trades_json`` over ``page``), on PostgreSQL and on SQLite; and its
+of the same rows (``trades_json`` over ``page``), on PostgreSQL and on SQLite; and its
 cursor and "more" flag are those of the rows.
 """
 
@@ -13,7 +13,7 @@ from sqlalchemy import update
 from adapters.sql import SqlTradeStore
 from adapters.tables import trades
 from domain.ports import TradeFilter
-from ingest_api.routes import _trades_json
+from ingest_api.reads import trades_json
 from tests.conftest import unique
 from tests.integration.test_trade_store import TODAY, store_url, trade, trade_store
 from tests.support import upsert
@@ -51,14 +51,14 @@ def test_encoded_pages_equal_the_apis_encoding_row_by_row(trade_store: SqlTradeS
         expected = trade_store.page(None, 1000, where, TODAY)
         assert expected, fields
         whole = trade_store.encoded_page(None, 1000, where, TODAY)
-        assert whole.body == _trades_json(expected), fields
+        assert whole.body == trades_json(expected), fields
         assert whole.more is False
         walked: list[object] = []
         after = None
         while True:
             page = trade_store.encoded_page(after, 3, where, TODAY)
             rows_ = trade_store.page(after, 4, where, TODAY)
-            assert page.body == _trades_json(rows_[:3]), fields
+            assert page.body == trades_json(rows_[:3]), fields
             assert page.more is (len(rows_) > 3)
             full = rows_[2].trade if len(rows_) >= 3 else None
             assert page.last == ((full.trade_id, full.version) if full else None)

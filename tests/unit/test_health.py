@@ -23,8 +23,7 @@ from domain.ports import Overloaded, StoredTrade, TradeFilter, Unavailable
 from domain.trade import Trade
 from ingest_api.app import create_app
 from ingest_api.health import Probe
-from ingest_api.reads import READ_NICENESS, ReadPool
-from ingest_api.routes import _trades_json
+from ingest_api.reads import READ_NICENESS, ReadPool, trades_json
 from ingest_api.schemas import TradeOut
 from tests.fakes import FakeKeys, FakeQueue, FakeStatusStore, FakeTradeStore
 
@@ -141,7 +140,7 @@ async def test_a_probe_that_raises_is_unavailable_and_probed_again_after_its_ttl
 async def test_reads_over_the_pool_bound_are_overloaded_at_once() -> None:
     """One thread, one waiting: a third read is refused without waiting; once they end, reads
     are taken again."""
-    pool = ReadPool(threads=1, max_waiting=1)
+    pool = ReadPool(1, 1, FakeTradeStore())
     gate = threading.Event()
     running = [asyncio.ensure_future(pool.run(gate.wait, 5)) for _ in range(2)]
     await asyncio.sleep(0.05)
@@ -156,7 +155,7 @@ async def test_reads_over_the_pool_bound_are_overloaded_at_once() -> None:
 
 
 async def test_reads_run_at_a_lower_scheduling_priority_than_the_event_loop() -> None:
-    pool = ReadPool(threads=1, max_waiting=0)
+    pool = ReadPool(1, 0, FakeTradeStore())
     ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     theirs = await pool.run(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
     assert theirs == min(ours + READ_NICENESS, 19)
@@ -189,6 +188,4 @@ def test_trades_are_encoded_as_their_schema_says(micros: int) -> None:
         StoredTrade(Trade("T-é", 2, "CP", "B", date(2030, 5, 20), date(2015, 3, 14)), True, at, at),
         StoredTrade(Trade("T1", 1, "CP", "B", date(2030, 5, 20), date(2026, 1, 1)), False, at, at),
     ]
-    assert _trades_json(rows) == orjson.dumps(
-        [TradeOut.of(r).model_dump(mode="json") for r in rows]
-    )
+    assert trades_json(rows) == orjson.dumps([TradeOut.of(r).model_dump(mode="json") for r in rows])
