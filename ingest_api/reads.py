@@ -125,10 +125,10 @@ def _in_process(fields: dict[str, Any], read: Callable[..., T], *args: Any) -> T
 
 class ReadProcesses(ReadPool):
     """``ReadPool`` whose trade reads run in ``READ_PROCESSES`` read processes, each with its
-    own trade store (its own connections); at most ``MAX_WAITING_READS`` more wait for one. ``read``
-    and its arguments cross to the process by pickling, its result comes back the same way:
-    module-level functions, plain arguments, encoded bytes. A process that dies fails the
-    reads it had with 503 and the pool is started again."""
+    own trade store (its own connection); at most ``MAX_WAITING_READS`` more wait for one.
+    ``read`` and its arguments cross to the process by pickling, and its result comes back
+    the same way: module-level functions, plain arguments, encoded bytes. A process that
+    dies fails the reads it had with 503, and the pool is started again."""
 
     def __init__(self, settings: Settings, trades: TradeReader) -> None:
         super().__init__(settings.read_threads, settings.max_waiting_reads, trades)
