@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -40,14 +41,7 @@ ROUNDS = 5
 DRAIN_S = 1.0  # a paused flood's queued reads end within it
 CLIENTS = 32
 FLOOD_PATH = "/api/v1/trades?limit=1000"
-# The bound held in the suite: flooded POST p99 under FLOOD_P99_S, or within twice the idle
-# p99 when the machine itself is that slow (idle p99s of 4 to 50 ms were seen here from one
-# run to the next). The issue's target, twice the idle p99, holds untraced with trade reads
-# in a read process (README, Guarantees): six runs here measured 6.2-8.1 ms idle, 10.2-15.5
-# ms flooded (1.47-1.91x; 2.25-2.35x on read threads, 170 ms before the read pool, health
-# p50 636 ms then). It is not asserted: under the suite's coverage tracing (the API and its
-# read process traced) two runs gave 2.43x and 0.99x, the idle p99 alone 10 to 32 ms.
-FLOOD_P99_S = 0.100
+ATTEMPTS = 3  # measurements at most; the first within the bound ends them
 MAX_RSS_KB = 300 * 1024
 
 
@@ -137,65 +131,87 @@ def children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def test_reads_do_not_starve_writes_and_memory_stays_bounded(api: Api) -> None:
+@dataclass
+class Measured:
+    idle: list[float]
+    flooded: list[float]
+    idle_health: list[float]
+    flooded_health: list[float]
+    codes: dict[int, int]
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "post_p99_ms": {"idle": p99(self.idle) * 1000, "flooded": p99(self.flooded) * 1000},
+            "post_p50_ms": {
+                "idle": statistics.median(self.idle) * 1000,
+                "flooded": statistics.median(self.flooded) * 1000,
+            },
+            "health_p50_ms": {
+                "idle": statistics.median(self.idle_health) * 1000,
+                "flooded": statistics.median(self.flooded_health) * 1000,
+            },
+            "post_slowest_ms": {
+                "idle": [round(t * 1000, 1) for t in sorted(self.idle)[-5:]],
+                "flooded": [round(t * 1000, 1) for t in sorted(self.flooded)[-5:]],
+            },
+            "flood_answers": self.codes,
+        }
+
+
+def measure(api: Api, attempt: int) -> Measured:
     """Idle and flooded rounds alternate, so both meet the same load from the machine's
     other users."""
-    assert len(api.client.get(FLOOD_PATH).json()) == 1000
-    post_times(api.client, "warm", 50)
-    command = ["-m", "tests.e2e.read_flood", str(api.port), str(CLIENTS), "90", FLOOD_PATH]
-    flood = subprocess.Popen(
-        [sys.executable, *command],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    idle: list[float] = []
-    flooded: list[float] = []
-    idle_health: list[float] = []
-    flooded_health: list[float] = []
+    command = ["-m", "tests.timing.read_flood", str(api.port), str(CLIENTS), "90", FLOOD_PATH]
+    flood = subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, text=True)
+    measured = Measured([], [], [], [], {})
     try:
         assert flood.stdout is not None
         assert flood.stdout.readline() == "flooding\n"
         for round_ in range(ROUNDS):
             flood.send_signal(signal.SIGUSR1)  # paused: the reads in flight drain
             time.sleep(DRAIN_S)
-            idle += post_times(api.client, f"idle{round_}", POSTS // ROUNDS)
-            idle_health += health_times(api.client, 4)
+            measured.idle += post_times(api.client, f"idle{attempt}-{round_}", POSTS // ROUNDS)
+            measured.idle_health += health_times(api.client, 4)
             flood.send_signal(signal.SIGUSR2)
             time.sleep(0.5)  # every client looping again
-            flooded += post_times(api.client, f"flooded{round_}", POSTS // ROUNDS)
-            flooded_health += health_times(api.client, 4)
+            measured.flooded += post_times(
+                api.client, f"flooded{attempt}-{round_}", POSTS // ROUNDS
+            )
+            measured.flooded_health += health_times(api.client, 4)
     finally:
         flood.send_signal(signal.SIGTERM)
         out, _ = flood.communicate(timeout=30)
-    codes = {int(k): v for k, v in json.loads(out).items()}
+    measured.codes = {int(k): v for k, v in json.loads(out).items()}
+    return measured
+
+
+def test_reads_do_not_starve_writes_and_memory_stays_bounded(api: Api) -> None:
+    """The issue's bound, flooded POST p99 within twice the idle p99, met in one of
+    ATTEMPTS measurements: one p99 is the 10th slowest of 1,000 on a shared machine. Reads
+    that starve writes fail every one (2.25-2.35x on read threads, 170 ms without a read
+    pool)."""
+    assert len(api.client.get(FLOOD_PATH).json()) == 1000
+    post_times(api.client, "warm", 50)
+    attempts = []
+    for attempt in range(ATTEMPTS):
+        measured = measure(api, attempt)
+        attempts.append(measured.figures())
+        assert set(measured.codes) <= {200, 429}
+        assert measured.codes.get(200, 0) >= 100  # a real flood: pages of 1,000 all along
+        assert statistics.median(measured.flooded_health) < 0.05, attempts
+        if p99(measured.flooded) <= 2 * p99(measured.idle):
+            break
     memory = memory_kb(api.process.pid)
     # The read processes, and multiprocessing's resource tracker.
     readers = [memory_kb(child) for child in children(api.process.pid)]
     peak_kb = memory["VmHWM"] + sum(r["VmHWM"] for r in readers)
-
     figures = {
-        "post_p99_ms": {"idle": p99(idle) * 1000, "flooded": p99(flooded) * 1000},
-        "post_p50_ms": {
-            "idle": statistics.median(idle) * 1000,
-            "flooded": statistics.median(flooded) * 1000,
-        },
-        "health_p50_ms": {
-            "idle": statistics.median(idle_health) * 1000,
-            "flooded": statistics.median(flooded_health) * 1000,
-        },
-        "post_slowest_ms": {
-            "idle": [round(t * 1000, 1) for t in sorted(idle)[-5:]],
-            "flooded": [round(t * 1000, 1) for t in sorted(flooded)[-5:]],
-        },
-        "flood_answers": codes,
+        "attempts": attempts,
         "memory_kb": {"api": memory, "read_processes": readers, "peak_sum": peak_kb},
     }
     LOGS.mkdir(parents=True, exist_ok=True)
     (LOGS / "read-flood.json").write_text(json.dumps(figures, indent=2))
     print(json.dumps(figures))
 
-    assert set(codes) <= {200, 429}
-    assert codes.get(200, 0) >= 100  # a real flood: pages of 1,000 served all along
-    assert p99(flooded) <= max(FLOOD_P99_S, 2 * p99(idle)), figures
-    assert statistics.median(flooded_health) < 0.05, figures
+    assert p99(measured.flooded) <= 2 * p99(measured.idle), attempts
     assert peak_kb <= MAX_RSS_KB, figures

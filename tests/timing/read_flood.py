@@ -1,4 +1,4 @@
-"""A read flood for tests: ``python -m tests.e2e.read_flood PORT CLIENTS SECONDS PATH``.
+"""A read flood for tests: ``python -m tests.timing.read_flood PORT CLIENTS SECONDS PATH``.
 
 CLIENTS keep-alive connections each loop on ``GET PATH``; SIGUSR1 pauses them (each after
 its answer in flight), SIGUSR2 resumes them. It prints "flooding" once it takes the signals; at SIGTERM (or after SECONDS at most) the
