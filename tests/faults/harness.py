@@ -357,6 +357,11 @@ def fault_settings(base: Settings, name: str, tmp: Path) -> Settings:
             # the 5 s keep-alive. The suite measures the stack's answers, not that client.
             "header_timeout_s": 60.0,
             "keep_alive_timeout_s": 60.0,
+            # Room for every connection the load's clients may hold (in flight and idle): the
+            # suite measures faults, not the connection cap (tests/integration's hostile
+            # clients do). Over it, a landing run logged 86 refusals and its client saw 84
+            # answers of 429 and 2 ReadErrors.
+            "max_connections": 4 * IN_FLIGHT_CAP,
         }
     )
 
