@@ -25,7 +25,7 @@ from config.settings import Settings
 from domain.ports import Overloaded, TradeReader, Unavailable
 from domain.trade import Trade
 from ingest_api.reads import READ_NICENESS, ReadProcesses, trades_json, versions_of
-from tests.support import upsert
+from tests.support import upsert, wait_for
 
 TODAY = business_today("UTC")
 
@@ -115,10 +115,7 @@ async def test_closing_ends_the_read_processes(tmp_path: Path) -> None:
     # By pid, not is_alive(): the pool's own thread reaps its processes, and a Process whose
     # waitpid lost that race reports itself alive for good.
     pids = {child.pid for child in ours}
-    deadline = time.monotonic() + 10
-    while any(running(pid) for pid in pids) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert not any(running(pid) for pid in pids)
+    wait_for(lambda: not any(running(pid) for pid in pids), 10, "the read processes to end")
 
 
 def running(pid: int | None) -> bool:
